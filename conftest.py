@@ -1,0 +1,20 @@
+"""Doctest namespace: docstring examples run with these names."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import keras_clip  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(doctest_namespace):
+    doctest_namespace["np"] = np
+    doctest_namespace["keras"] = keras
+    doctest_namespace["kc"] = keras_clip
+    for name in keras_clip.__all__:
+        doctest_namespace[name] = getattr(keras_clip, name)

@@ -1,0 +1,52 @@
+"""keras-clip: gradient clipping for Keras 3 that is correct, adaptive,
+observable and free of cost."""
+
+from keras_clip import ops
+from keras_clip.clippers import AdaptiveGradClip
+from keras_clip.clippers import Clipper
+from keras_clip.clippers import GlobalNormClip
+from keras_clip.clippers import NormClip
+from keras_clip.clippers import ValueClip
+from keras_clip.optimizers import ClippedAdadelta
+from keras_clip.optimizers import ClippedAdafactor
+from keras_clip.optimizers import ClippedAdagrad
+from keras_clip.optimizers import ClippedAdam
+from keras_clip.optimizers import ClippedAdamax
+from keras_clip.optimizers import ClippedAdamW
+from keras_clip.optimizers import ClippedFtrl
+from keras_clip.optimizers import ClippedLamb
+from keras_clip.optimizers import ClippedLion
+from keras_clip.optimizers import ClippedMuon
+from keras_clip.optimizers import ClippedNadam
+from keras_clip.optimizers import ClippedRMSprop
+from keras_clip.optimizers import ClippedScheduleFreeAdamW
+from keras_clip.optimizers import ClippedSGD
+from keras_clip.optimizers import ClippingMixin
+from keras_clip.optimizers import clipped
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveGradClip",
+    "ClippedAdadelta",
+    "ClippedAdafactor",
+    "ClippedAdagrad",
+    "ClippedAdam",
+    "ClippedAdamW",
+    "ClippedAdamax",
+    "ClippedFtrl",
+    "ClippedLamb",
+    "ClippedLion",
+    "ClippedMuon",
+    "ClippedNadam",
+    "ClippedRMSprop",
+    "ClippedSGD",
+    "ClippedScheduleFreeAdamW",
+    "Clipper",
+    "ClippingMixin",
+    "GlobalNormClip",
+    "NormClip",
+    "ValueClip",
+    "clipped",
+    "ops",
+]

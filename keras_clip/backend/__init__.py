@@ -1,0 +1,62 @@
+"""The few backend-specific pieces of keras-clip.
+
+Only this package touches backend internals (TensorFlow's `tf.cond` with
+stateful branches, `tf.IndexedSlices`). Everything else is `keras.ops`.
+"""
+
+import keras
+from keras import ops
+from keras import tree
+
+
+def run_if(pred, fn, fallback, protect):
+    """Runs `fn()` (which may assign variables) only where `pred` is true.
+
+    Returns `fn()`'s result where `pred` holds and `fallback()`'s otherwise;
+    both return the same structure of tensors. On TensorFlow this is one
+    `tf.cond`; elsewhere (JAX's stateless tracing) `fn` runs and every variable
+    in `protect` is then restored where `pred` is false.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.cond(pred, fn, fallback)
+    old = [v.value for v in protect]
+    out = fn()
+    for v, o in zip(protect, old):
+        v.assign(ops.where(pred, v.value, o))
+    return tree.map_structure(lambda a, b: ops.where(pred, a, b), out, fallback())
+
+
+def split_sparse(grads):
+    """Dense stand-ins for sparse gradients, and a function to rewrap them.
+
+    A `tf.IndexedSlices` gradient (from `Embedding`) may repeat an index; the
+    repeats are summed first, so the values hold exactly the non-zero rows of
+    the dense gradient: norms, element clipping and scaling of the values are
+    those of the dense gradient, and the result stays sparse.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return list(grads), lambda values: list(values)
+    import tensorflow as tf
+
+    sparse = {}
+    values = []
+    for i, g in enumerate(grads):
+        if isinstance(g, tf.IndexedSlices):
+            unique, position = tf.unique(g.indices)
+            summed = tf.math.unsorted_segment_sum(
+                g.values, position, tf.shape(unique)[0]
+            )
+            sparse[i] = (unique, g.dense_shape)
+            values.append(summed)
+        else:
+            values.append(g)
+
+    def rewrap(new_values):
+        out = list(new_values)
+        for i, (indices, dense_shape) in sparse.items():
+            out[i] = tf.IndexedSlices(out[i], indices, dense_shape)
+        return out
+
+    return values, rewrap

@@ -1,0 +1,131 @@
+"""The `Clipper` base class and the threshold attribute shared by clippers."""
+
+import numpy as np
+from keras import ops
+from keras.optimizers.schedules import LearningRateSchedule
+
+from keras_clip import _checks
+
+
+class Threshold:
+    """A clipper attribute that is a float or a schedule and lives in a variable.
+
+    Before the clipper is built it is a plain attribute. Once an optimizer has
+    built the clipper, setting a new float assigns the clipper's `threshold`
+    variable, so the next step uses it without re-tracing.
+    """
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj.__dict__[self.name]
+
+    def __set__(self, obj, value):
+        value = _checks.threshold(self.name, value)
+        variable = obj._variables.get("threshold") if obj._variables else None
+        if variable is not None:
+            old = obj.__dict__[self.name]
+            if isinstance(value, LearningRateSchedule) or isinstance(
+                old, LearningRateSchedule
+            ):
+                raise ValueError(
+                    f"`{self.name}` cannot change between a number and a "
+                    "schedule once the optimizer is built. "
+                    f"Received: {self.name}={value!r}"
+                )
+            variable.assign(value)
+        obj.__dict__[self.name] = value
+
+
+class Clipper:
+    """Base class of keras-clip's clippers.
+
+    A clipper is a pure rule plus a state layout. The optimizer creates one
+    variable per entry of `init_state(variables)` in `build()` and, every step,
+    calls
+
+    ```
+    grads, new_state, info = clipper.update(grads, state, params, norm=, step=)
+    ```
+
+    with `state` the current values of those variables. `new_state` has the
+    same keys; its `"threshold"` entry is the threshold used on this step.
+    `info` holds two scalars the optimizer records as statistics: `"clipped"`
+    (bool: did clipping change anything) and `"clipped_norm"` (float32: the
+    global norm after clipping), both computed without another pass over the
+    gradients.
+
+    Subclasses implement `init_state`, `update` and `get_config`.
+    """
+
+    _variables = None
+
+    def init_state(self, variables):
+        """Initial state: a dict of name -> NumPy array (shape, dtype, value).
+
+        Args:
+            variables: The model variables the optimizer is built with.
+        """
+        raise NotImplementedError
+
+    def update(self, grads, state, params=None, *, norm=None, step=None):
+        """Clips `grads`.
+
+        Args:
+            grads: List of gradient tensors (no `None`).
+            state: Dict of the current state tensors, as from `init_state`.
+            params: List of the matching weights (variables or tensors);
+                only clippers that need weights read them.
+            norm: Optional float32 global norm of `grads`, if already known.
+            step: The optimizer's iteration count, for schedules.
+
+        Returns:
+            A tuple `(clipped_grads, new_state, info)`.
+        """
+        raise NotImplementedError
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        from keras.saving import deserialize_keras_object
+
+        config = dict(config)
+        for key, value in config.items():
+            if isinstance(value, dict) and "class_name" in value:
+                config[key] = deserialize_keras_object(value)
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    # Helpers for subclasses.
+
+    def _bind(self, variables):
+        """Called by the optimizer with its dict of state variables."""
+        self._variables = variables
+
+    @staticmethod
+    def _threshold_state(value):
+        if isinstance(value, LearningRateSchedule):
+            value = float(value(0))
+        return np.asarray(value, "float32")
+
+    @staticmethod
+    def _threshold_value(value, state, step):
+        if isinstance(value, LearningRateSchedule):
+            return ops.cast(value(0 if step is None else step), "float32")
+        return state["threshold"]
+
+    @staticmethod
+    def _serialize(value):
+        if isinstance(value, LearningRateSchedule):
+            from keras.saving import serialize_keras_object
+
+            return serialize_keras_object(value)
+        return value

@@ -1,0 +1,257 @@
+"""Clippers with a fixed (or scheduled) threshold."""
+
+import re
+
+import keras
+from keras import ops
+
+from keras_clip import _checks
+from keras_clip import ops as kc_ops
+from keras_clip.clippers.base import Clipper
+from keras_clip.clippers.base import Threshold
+
+_register = keras.saving.register_keras_serializable(package="keras_clip")
+
+
+def _threshold_only(value):
+    return {"threshold": Clipper._threshold_state(value)}
+
+
+@_register
+class ValueClip(Clipper):
+    """Clips every gradient element to `[-max_value, max_value]`.
+
+    ```
+    g <- clip(g, -max_value, max_value)
+    ```
+
+    Args:
+        max_value: Positive float, or a
+            `keras.optimizers.schedules.LearningRateSchedule` evaluated on the
+            optimizer's iteration count. Defaults to 1.0.
+
+    Example:
+
+    >>> opt = ClippedSGD(clipper=ValueClip(0.5))
+    """
+
+    max_value = Threshold()
+
+    def __init__(self, max_value=1.0):
+        self.max_value = max_value
+
+    def init_state(self, variables):
+        return _threshold_only(self.max_value)
+
+    def update(self, grads, state, params=None, *, norm=None, step=None):
+        c = self._threshold_value(self.max_value, state, step)
+        clipped = kc_ops.clip_by_value(grads, c)
+        over = [ops.max(ops.abs(ops.cast(g, "float32"))) > c for g in grads]
+        info = {
+            "clipped": ops.any(ops.stack(over)),
+            "clipped_norm": kc_ops.global_norm(clipped),
+        }
+        return clipped, {"threshold": c}, info
+
+    def get_config(self):
+        return {"max_value": self._serialize(self.max_value)}
+
+
+@_register
+class NormClip(Clipper):
+    """Clips each gradient tensor on its own to an L2 norm of `max_norm`.
+
+    ```
+    g_i <- g_i * min(1, max_norm / ||g_i||)
+    ```
+
+    Args:
+        max_norm: Positive float, or a
+            `keras.optimizers.schedules.LearningRateSchedule`. Defaults to 1.0.
+
+    Example:
+
+    >>> opt = ClippedSGD(clipper=NormClip(1.0))  # same as clipnorm=1.0
+    """
+
+    max_norm = Threshold()
+
+    def __init__(self, max_norm=1.0):
+        self.max_norm = max_norm
+
+    def init_state(self, variables):
+        return _threshold_only(self.max_norm)
+
+    def update(self, grads, state, params=None, *, norm=None, step=None):
+        c = self._threshold_value(self.max_norm, state, step)
+        norms = ops.sqrt(ops.stack([kc_ops._sq_norm(g) for g in grads]))
+        scales = kc_ops._scale(norms, c)
+        clipped = [kc_ops._mul(g, scales[i]) for i, g in enumerate(grads)]
+        info = {
+            "clipped": ops.any(norms > c),
+            "clipped_norm": ops.sqrt(ops.sum(ops.square(ops.minimum(norms, c)))),
+        }
+        return clipped, {"threshold": c}, info
+
+    def get_config(self):
+        return {"max_norm": self._serialize(self.max_norm)}
+
+
+@_register
+class GlobalNormClip(Clipper):
+    """Scales all gradients by one factor so their global L2 norm is bounded.
+
+    ```
+    n = sqrt(sum_i ||g_i||^2)
+    g_i <- g_i * min(1, max_norm / n)
+    ```
+
+    Args:
+        max_norm: Positive float, or a
+            `keras.optimizers.schedules.LearningRateSchedule`. Defaults to 1.0.
+
+    Example:
+
+    >>> opt = ClippedAdam(clipper=GlobalNormClip(1.0))  # global_clipnorm=1.0
+    """
+
+    max_norm = Threshold()
+
+    def __init__(self, max_norm=1.0):
+        self.max_norm = max_norm
+
+    def init_state(self, variables):
+        return _threshold_only(self.max_norm)
+
+    def update(self, grads, state, params=None, *, norm=None, step=None):
+        c = self._threshold_value(self.max_norm, state, step)
+        if norm is None:
+            norm = kc_ops.global_norm(grads)
+        scale = kc_ops._scale(norm, c)
+        clipped = [kc_ops._mul(g, scale) for g in grads]
+        info = {"clipped": norm > c, "clipped_norm": ops.minimum(norm, c)}
+        return clipped, {"threshold": c}, info
+
+    def get_config(self):
+        return {"max_norm": self._serialize(self.max_norm)}
+
+
+@_register
+class AdaptiveGradClip(Clipper):
+    """Adaptive gradient clipping, unit-wise (AGC).
+
+    For each unit `i` of a gradient `G` and its weight `W` (a unit is a slice
+    along the last axis, Keras's kernel layout; scalars and vectors are one
+    unit):
+
+    ```
+    max_i = clip_factor * max(||W_i||, epsilon)
+    G_i <- G_i * min(1, max_i / ||G_i||)
+    ```
+
+    Args:
+        clip_factor: Positive float, the paper's lambda, or a
+            `keras.optimizers.schedules.LearningRateSchedule`. Defaults to 0.01.
+        epsilon: Positive float, the smallest weight norm. Defaults to 1e-3.
+        axis: Optional int or tuple of ints, the axes each unit's norm is
+            taken over. Defaults to `None` (all axes but the last).
+        exclude: Optional regular expression or list of them; a variable whose
+            path matches any (`re.search`) is left unclipped. The paper leaves
+            the final classifier unclipped, e.g. `exclude=["predictions"]`.
+            Defaults to `None`.
+
+    Example:
+
+    >>> opt = ClippedSGD(clipper=AdaptiveGradClip(0.01, exclude=["logits"]))
+
+    Reference:
+        [Brock et al., 2021](https://arxiv.org/abs/2102.06171)
+    """
+
+    clip_factor = Threshold()
+
+    def __init__(self, clip_factor=0.01, epsilon=1e-3, axis=None, exclude=None):
+        self.clip_factor = clip_factor
+        self.epsilon = _checks.number("epsilon", epsilon, low=0)
+        self.axis = _check_axis(axis)
+        self.exclude = _check_exclude(exclude)
+        self._patterns = [re.compile(p) for p in self.exclude or ()]
+
+    def _excluded(self, param):
+        path = getattr(param, "path", None) or getattr(param, "name", "") or ""
+        return any(p.search(path) for p in self._patterns)
+
+    def init_state(self, variables):
+        return {"threshold": Clipper._threshold_state(self.clip_factor)}
+
+    def update(self, grads, state, params=None, *, norm=None, step=None):
+        if params is None or len(params) != len(grads):
+            raise ValueError(
+                "`AdaptiveGradClip` needs the weights: pass `params`, one per "
+                f"gradient. Received: params={params!r}"
+            )
+        cf = self._threshold_value(self.clip_factor, state, step)
+        clipped, over, sq = [], [], []
+        for g, p in zip(grads, params):
+            if self._excluded(p):
+                clipped.append(g)
+                sq.append(kc_ops._sq_norm(g))
+                continue
+            p = getattr(p, "value", p)
+            scale, o, s = kc_ops._agc_parts(g, p, cf, self.epsilon, self.axis)
+            clipped.append(kc_ops._mul(g, scale))
+            over.append(ops.any(o))
+            sq.append(s)
+        info = {
+            "clipped": ops.any(ops.stack(over)) if over else ops.array(False),
+            "clipped_norm": ops.sqrt(ops.sum(ops.stack(sq))),
+        }
+        return clipped, {"threshold": cf}, info
+
+    def get_config(self):
+        axis = list(self.axis) if isinstance(self.axis, tuple) else self.axis
+        return {
+            "clip_factor": self._serialize(self.clip_factor),
+            "epsilon": self.epsilon,
+            "axis": axis,
+            "exclude": None if self.exclude is None else list(self.exclude),
+        }
+
+
+def _check_axis(axis):
+    if axis is None:
+        return None
+    if isinstance(axis, (list, tuple)):
+        items = list(axis)
+    else:
+        items = [axis]
+    for a in items:
+        if not isinstance(a, int) or isinstance(a, bool):
+            raise TypeError(
+                "`axis` must be None, an int or a tuple of ints. "
+                f"Received: axis={axis!r}"
+            )
+    return tuple(items) if isinstance(axis, (list, tuple)) else axis
+
+
+def _check_exclude(exclude):
+    if exclude is None:
+        return None
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    if not isinstance(exclude, (list, tuple)) or not all(
+        isinstance(e, str) for e in exclude
+    ):
+        raise TypeError(
+            "`exclude` must be None, a string or a list of strings. "
+            f"Received: exclude={exclude!r}"
+        )
+    for e in exclude:
+        try:
+            re.compile(e)
+        except re.error as err:
+            raise ValueError(
+                f"`exclude` holds an invalid regular expression ({err}). "
+                f"Received: exclude={exclude!r}"
+            ) from None
+    return list(exclude)

@@ -1,0 +1,217 @@
+"""Pure clipping math on lists of gradient tensors (`keras.ops` only).
+
+Every function takes a list of tensors (entries may be `None`, which pass
+through), accumulates norms in float32 whatever the gradient dtype, and scales
+exactly: a tensor already inside its bound comes back unchanged, an all-zero
+tensor stays zero and nothing divides 0 by 0.
+"""
+
+from keras import ops
+
+
+def _sq_norm(x, axis=None, keepdims=False):
+    """Sum of squares of `x` in float32."""
+    x = ops.cast(x, "float32")
+    return ops.sum(ops.square(x), axis=axis, keepdims=keepdims)
+
+
+def _scale(norm, max_norm):
+    """`min(1, max_norm / norm)`, safe for zero, NaN and infinite norms.
+
+    Exactly 1 where `norm <= max_norm` (and where `norm` is NaN), so scaling by
+    it returns the tensor bit for bit.
+    """
+    over = norm > max_norm
+    safe_norm = ops.where(over, norm, ops.ones_like(norm))
+    return ops.where(over, max_norm / safe_norm, ops.ones_like(norm))
+
+
+def _mul(x, scale):
+    return x * ops.cast(scale, x.dtype)
+
+
+def global_norm(grads):
+    """Global L2 norm of a list of tensors, accumulated in float32.
+
+    ```
+    global_norm(g) = sqrt(sum_i sum(g_i ** 2))
+    ```
+
+    Args:
+        grads: List of tensors; `None` entries are ignored.
+
+    Returns:
+        A float32 scalar.
+
+    Example:
+
+    >>> float(global_norm([np.array([3.0]), np.array([4.0])]))
+    5.0
+    """
+    sq = [_sq_norm(g) for g in grads if g is not None]
+    if not sq:
+        return ops.zeros((), "float32")
+    return ops.sqrt(ops.sum(ops.stack(sq)))
+
+
+def clip_by_value(grads, max_value):
+    """Clips every element to `[-max_value, max_value]`.
+
+    ```
+    g <- clip(g, -max_value, max_value)
+    ```
+
+    Args:
+        grads: List of tensors; `None` entries pass through.
+        max_value: Positive scalar.
+
+    Returns:
+        The list of clipped tensors.
+
+    Example:
+
+    >>> [np.asarray(g).tolist() for g in clip_by_value([np.array([-3.0, 0.5])], 1.0)]
+    [[-1.0, 0.5]]
+    """
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        c = ops.cast(max_value, g.dtype)
+        out.append(ops.clip(g, -c, c))
+    return out
+
+
+def clip_by_norm(grads, max_norm):
+    """Clips each tensor on its own so that its L2 norm is at most `max_norm`.
+
+    ```
+    g_i <- g_i * min(1, max_norm / ||g_i||)
+    ```
+
+    Args:
+        grads: List of tensors; `None` entries pass through.
+        max_norm: Positive scalar.
+
+    Returns:
+        The list of clipped tensors.
+
+    Example:
+
+    >>> [np.asarray(g).tolist() for g in clip_by_norm([np.array([3.0, 4.0])], 1.0)]
+    [[0.6000000238418579, 0.800000011920929]]
+    """
+    max_norm = ops.cast(max_norm, "float32")
+    return [
+        None if g is None else _mul(g, _scale(ops.sqrt(_sq_norm(g)), max_norm))
+        for g in grads
+    ]
+
+
+def clip_by_global_norm(grads, max_norm):
+    """Scales all tensors by one factor so their global norm is <= `max_norm`.
+
+    ```
+    n = global_norm(g)
+    g_i <- g_i * min(1, max_norm / n)
+    ```
+
+    Args:
+        grads: List of tensors; `None` entries pass through.
+        max_norm: Positive scalar.
+
+    Returns:
+        A tuple `(clipped, norm)`: the clipped list and the global norm before
+        clipping (float32).
+
+    Example:
+
+    >>> clipped, norm = clip_by_global_norm([np.array([3.0]), np.array([4.0])], 1.0)
+    >>> float(norm), [round(float(g[0]), 6) for g in clipped]
+    (5.0, [0.6, 0.8])
+    """
+    norm = global_norm(grads)
+    scale = _scale(norm, ops.cast(max_norm, "float32"))
+    return [None if g is None else _mul(g, scale) for g in grads], norm
+
+
+def _unit_axes(ndim, axis):
+    if axis is not None:
+        return axis
+    if ndim <= 1:
+        return None
+    return tuple(range(ndim - 1))
+
+
+def unitwise_norm(x, axis=None):
+    """L2 norm of each unit of `x` in Keras's kernel layout, in float32.
+
+    A unit is one slice along the last axis: a Dense kernel `(in, out)` has
+    `out` units, a Conv2D kernel `(h, w, in, out)` has `out` units, each norm
+    taken over all the other axes. Scalars and vectors are one unit.
+
+    Args:
+        x: A tensor.
+        axis: Optional int or tuple of ints, the axes to reduce over. Defaults
+            to `None`: every axis but the last for rank >= 2, all axes for
+            scalars and vectors.
+
+    Returns:
+        A float32 tensor of norms with the reduced axes kept (size 1), so it
+        broadcasts against `x`.
+
+    Example:
+
+    >>> np.asarray(unitwise_norm(np.array([[3.0, 0.0], [4.0, 1.0]]))).tolist()
+    [[5.0, 1.0]]
+    """
+    axes = _unit_axes(len(x.shape), axis)
+    return ops.sqrt(_sq_norm(x, axis=axes, keepdims=True))
+
+
+def _agc_parts(g, p, clip_factor, epsilon, axis=None):
+    """Per-unit AGC scale and squared norm after clipping, for one tensor."""
+    g_norm = unitwise_norm(g, axis)
+    p_norm = ops.maximum(unitwise_norm(p, axis), epsilon)
+    max_norm = clip_factor * p_norm
+    scale = _scale(g_norm, max_norm)
+    clipped_sq = ops.sum(ops.square(ops.minimum(g_norm, max_norm)))
+    return scale, g_norm > max_norm, clipped_sq
+
+
+def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None):
+    """Adaptive gradient clipping (AGC), unit-wise.
+
+    For each unit `i` (see `unitwise_norm`) of gradient `G` and weight `W`:
+
+    ```
+    max_i = clip_factor * max(||W_i||, epsilon)
+    G_i <- G_i * min(1, max_i / ||G_i||)
+    ```
+
+    Args:
+        grads: List of gradient tensors; `None` entries pass through.
+        params: List of the matching weight tensors.
+        clip_factor: Positive scalar, the paper's lambda. Defaults to 0.01.
+        epsilon: Positive scalar, the smallest weight norm. Defaults to 1e-3.
+        axis: Axes to reduce over, see `unitwise_norm`. Defaults to `None`.
+
+    Returns:
+        The list of clipped tensors.
+
+    Example:
+
+    >>> g = [np.array([[3.0], [4.0]])]
+    >>> w = [np.array([[30.0], [40.0]])]
+    >>> [np.asarray(x).tolist() for x in adaptive_grad_clip(g, w, 0.05)]
+    [[[1.5], [2.0]]]
+    """
+    out = []
+    for g, p in zip(grads, params):
+        if g is None:
+            out.append(None)
+            continue
+        scale, _, _ = _agc_parts(g, p, clip_factor, epsilon, axis)
+        out.append(_mul(g, scale))
+    return out

@@ -1,0 +1,316 @@
+"""`Clipped*` optimizers: every Keras optimizer with keras-clip's clipping.
+
+One mixin, `ClippingMixin`, replaces the optimizer's gradient application with
+the keras-clip step (DESIGN.md, "The contract of one optimizer step"):
+
+    accumulate (optional) -> non-finite check -> clip -> weight decay
+    -> update -> EMA -> statistics
+
+`clipped(cls)` makes the `Clipped*` class for any Keras optimizer class.
+"""
+
+import numpy as np
+import keras
+from keras import ops
+
+from keras_clip import _checks
+from keras_clip import backend
+from keras_clip import clippers
+from keras_clip import ops as kc_ops
+from keras_clip import stats
+from keras_clip.clippers import GlobalNormClip
+from keras_clip.clippers import NormClip
+from keras_clip.clippers import ValueClip
+
+NONFINITE = ("skip", "zero", "propagate")
+
+_MIXIN_DOC = """
+
+    keras-clip adds these arguments (see `keras_clip.ClippingMixin`):
+
+    Args:
+        clipper: A `keras_clip` clipper, a string (`"value"`, `"norm"`,
+            `"global_norm"`, `"agc"`, ...) or a config dict. Defaults to
+            `None` (no clipping; non-finite steps are still handled and the
+            statistics still recorded).
+        clipnorm: Shortcut for `clipper=NormClip(clipnorm)`.
+        clipvalue: Shortcut for `clipper=ValueClip(clipvalue)`.
+        global_clipnorm: Shortcut for `clipper=GlobalNormClip(global_clipnorm)`.
+        nonfinite: What a step whose gradients hold a NaN or an Inf does:
+            `"skip"` changes nothing (no weight, slot or clipper state) and
+            counts it; `"zero"` applies a zero gradient; `"propagate"` is
+            Keras's behaviour. Defaults to `"skip"`.
+"""
+
+
+class ClippingMixin:
+    """Adds keras-clip's clipping step to a Keras optimizer class.
+
+    Use the ready classes (`ClippedAdam`, ...) or `clipped(cls)`; the mixin is
+    public so that `isinstance(opt, ClippingMixin)` tells a keras-clip
+    optimizer.
+    """
+
+    def __init__(
+        self,
+        *args,
+        clipper=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        nonfinite="skip",
+        **kwargs,
+    ):
+        given = {
+            "clipper": clipper,
+            "clipnorm": clipnorm,
+            "clipvalue": clipvalue,
+            "global_clipnorm": global_clipnorm,
+        }
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            received = ", ".join(f"{k}={v!r}" for k, v in given.items())
+            raise ValueError(
+                "Only one of `clipper`, `clipnorm`, `clipvalue` and "
+                f"`global_clipnorm` can be set. Received: {received}"
+            )
+        if clipnorm is not None:
+            clipper = NormClip(_checks.threshold("clipnorm", clipnorm))
+        elif clipvalue is not None:
+            clipper = ValueClip(_checks.threshold("clipvalue", clipvalue))
+        elif global_clipnorm is not None:
+            clipper = GlobalNormClip(
+                _checks.threshold("global_clipnorm", global_clipnorm)
+            )
+        clipper = clippers.get(clipper)
+        if clipper is not None and clipper._variables is not None:
+            raise ValueError(
+                "This clipper already belongs to a built optimizer; give each "
+                f"optimizer its own clipper. Received: clipper={clipper!r}"
+            )
+        nonfinite = _checks.choice("nonfinite", nonfinite, NONFINITE)
+        super().__init__(*args, **kwargs)
+        self.clipper = clipper
+        self.nonfinite = nonfinite
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        clipper = self.clipper
+        state = {} if clipper is None else clipper.init_state(variables)
+        if clipper is not None and clipper._variables is not None:
+            raise ValueError(
+                "This clipper already belongs to another optimizer; give each "
+                f"optimizer its own clipper. Received: clipper={clipper!r}"
+            )
+        self._clip_state = {
+            name: self.add_variable(
+                shape=np.shape(value),
+                dtype=str(np.asarray(value).dtype),
+                initializer=_constant(value),
+                name=f"clip_{name}",
+            )
+            for name, value in state.items()
+        }
+        if clipper is not None:
+            clipper._bind(self._clip_state)
+        self._stats = stats.build(self)
+
+    def gradient_stats(self):
+        """The gradient statistics of the last step, as Python numbers.
+
+        Returns:
+            A dict with `grad_norm` (global norm before clipping),
+            `clipped_grad_norm` (after), `clip_threshold`, `clip_scale`,
+            `steps`, `clipped_steps`, `nonfinite_steps` and `clip_rate`
+            (`clipped_steps / steps`).
+        """
+        if not self.built:
+            raise ValueError(
+                "The optimizer has no statistics before its first step "
+                "(it is not built yet)."
+            )
+        return stats.read(self._stats)
+
+    # The step.
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        if not self.gradient_accumulation_steps:
+            self._clipped_update(grads, trainable_variables)
+            return
+        steps = self.gradient_accumulation_steps
+        accumulators = [
+            self._accumulated_gradients[self._get_variable_index(v)]
+            for v in trainable_variables
+        ]
+
+        def update():
+            mean = [(g + a) / steps for g, a in zip(grads, accumulators)]
+            self._clipped_update(mean, trainable_variables)
+            self._backend_reset_gradient_accumulators()
+
+        def accumulate():
+            self._backend_increment_gradient_accumulators(grads, accumulators)
+
+        ops.cond((self._iterations + 1) % steps == 0, update, accumulate)
+
+    def _clipped_update(self, grads, variables):
+        values, rewrap = backend.split_sparse(grads)
+        norm = kc_ops.global_norm(values)
+        finite = ops.isfinite(norm)
+        if self.nonfinite == "zero":
+            values = [ops.where(finite, g, ops.zeros_like(g)) for g in values]
+            norm_in = ops.where(finite, norm, ops.zeros_like(norm))
+        else:
+            norm_in = norm
+        current = {k: v.value for k, v in self._clip_state.items()}
+        old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
+
+        def step():
+            if self.clipper is None:
+                clipped, new_state = values, {}
+                info = {"clipped": ops.array(False), "clipped_norm": norm_in}
+            else:
+                clipped, new_state, info = self.clipper.update(
+                    values, current, variables, norm=norm_in, step=self.iterations
+                )
+            for name, var in self._clip_state.items():
+                var.assign(ops.where(finite, new_state[name], current[name]))
+            self._apply_weight_decay(variables)
+            self._backend_update_step(rewrap(clipped), variables, self.learning_rate)
+            self._moving_average_step()
+            return [
+                ops.cast(info["clipped_norm"], "float32"),
+                ops.cast(info["clipped"], "bool"),
+                ops.cast(new_state.get("threshold", old_threshold), "float32"),
+            ]
+
+        def skipped():
+            zero = ops.zeros((), "float32")
+            return [zero, ops.array(False), old_threshold]
+
+        if self.nonfinite == "skip":
+            protect = list(variables) + self.variables
+            clipped_norm, clipped, threshold = backend.run_if(
+                finite, step, skipped, protect
+            )
+        else:
+            clipped_norm, clipped, threshold = step()
+        stats.record(
+            self._stats,
+            norm=norm,
+            clipped_norm=clipped_norm,
+            threshold=threshold,
+            clipped=clipped,
+            finite=finite,
+        )
+
+    def _moving_average_step(self):
+        """Keras's EMA update, moved inside the step so a skip skips it too."""
+        if not self.use_ema:
+            return
+        self._update_model_variables_moving_average(self._trainable_variables)
+        if self.ema_overwrite_frequency:
+            overwrite = (self.iterations + 1) % self.ema_overwrite_frequency == 0
+            backend.run_if(
+                overwrite,
+                lambda: self._overwrite_model_variables_with_average_value(
+                    self._trainable_variables
+                )
+                or [],
+                lambda: [],
+                self._trainable_variables,
+            )
+
+    def get_config(self):
+        config = super().get_config()
+        config["clipper"] = clippers.serialize(self.clipper)
+        config["nonfinite"] = self.nonfinite
+        return config
+
+
+def _constant(value):
+    value = np.asarray(value)
+
+    def initializer(shape, dtype=None):
+        return ops.cast(ops.convert_to_tensor(value), dtype or value.dtype)
+
+    return initializer
+
+
+_CLIPPED = {}
+_WRAPPERS = (keras.optimizers.LossScaleOptimizer, keras.optimizers.MultiOptimizer)
+
+
+def clipped(cls):
+    """Returns the `Clipped*` class for any Keras optimizer class.
+
+    The class is `ClippingMixin` on top of `cls`, registered for Keras
+    serialization as `keras_clip>Clipped<registered name of cls>`, so a model
+    saved with it reloads once `clipped(cls)` has run again. Calling it twice
+    returns the same class.
+
+    Args:
+        cls: A subclass of `keras.optimizers.Optimizer` (not a wrapper such as
+            `LossScaleOptimizer` or `MultiOptimizer`: clip the optimizers
+            inside them).
+
+    Returns:
+        The clipped class.
+
+    Example:
+
+    >>> ClippedLion = clipped(keras.optimizers.Lion)
+    >>> opt = ClippedLion(learning_rate=1e-4, global_clipnorm=1.0)
+    """
+    if not (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)):
+        raise TypeError(
+            "`clipped()` takes a subclass of `keras.optimizers.Optimizer`. "
+            f"Received: cls={cls!r}"
+        )
+    if issubclass(cls, ClippingMixin):
+        return cls
+    if issubclass(cls, _WRAPPERS):
+        raise TypeError(
+            f"`{cls.__name__}` wraps other optimizers; clip the optimizer(s) "
+            f"inside it instead, e.g. `LossScaleOptimizer(ClippedAdam(...))`. "
+            f"Received: cls={cls!r}"
+        )
+    if cls in _CLIPPED:
+        return _CLIPPED[cls]
+    builtin = cls.__module__.startswith("keras.")
+    new = type(
+        f"Clipped{cls.__name__}",
+        (ClippingMixin, cls),
+        {
+            "__doc__": f"`{cls.__name__}` with keras-clip's clipping."
+            + _MIXIN_DOC,
+            "__module__": "keras_clip.optimizers" if builtin else cls.__module__,
+        },
+    )
+    registered = keras.saving.get_registered_name(cls).replace(">", ".")
+    keras.saving.register_keras_serializable(
+        package="keras_clip", name=f"Clipped{registered}"
+    )(new)
+    _CLIPPED[cls] = new
+    return new
+
+
+def builtin_optimizer_classes():
+    """Every optimizer class `keras.optimizers` exports, wrappers excluded."""
+    out = {}
+    for name in dir(keras.optimizers):
+        obj = getattr(keras.optimizers, name)
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, keras.optimizers.Optimizer)
+            and obj is not keras.optimizers.Optimizer
+            and not issubclass(obj, _WRAPPERS)
+        ):
+            out[name] = obj
+    return out
+
+
+BUILTIN = {f"Clipped{n}": clipped(c) for n, c in builtin_optimizer_classes().items()}
+globals().update(BUILTIN)
