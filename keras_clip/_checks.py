@@ -25,9 +25,9 @@ def number(name, value, *, low=None, high=None, low_open=True, high_open=False,
         ok_type = _is_real(value)
     if not ok_type:
         raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    value = int(value) if integer else float(value)
+    raw, value = value, (int(value) if integer else float(value))
     if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite. Received: {name}={value!r}")
+        raise ValueError(f"`{name}` must be finite. Received: {name}={raw!r}")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
@@ -36,7 +36,7 @@ def number(name, value, *, low=None, high=None, low_open=True, high_open=False,
         lo_v = "-inf" if low is None else low
         hi_v = "inf" if high is None else high
         raise ValueError(
-            f"`{name}` must be in {lo}{lo_v}, {hi_v}{hi}. Received: {name}={value!r}"
+            f"`{name}` must be in {lo}{lo_v}, {hi_v}{hi}. Received: {name}={raw!r}"
         )
     return value
 
@@ -51,13 +51,12 @@ def threshold(name, value):
     )
     if not _is_real(value):
         raise TypeError(f"`{name}` must be {what}. Received: {name}={value!r}")
-    value = float(value)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(
             f"`{name}` must be a positive finite number. "
             f"Received: {name}={value!r}"
         )
-    return value
+    return float(value)
 
 
 def choice(name, value, options):

@@ -99,8 +99,8 @@ def clip_by_norm(grads, max_norm):
 
     Example:
 
-    >>> [np.asarray(g).tolist() for g in clip_by_norm([np.array([3.0, 4.0])], 1.0)]
-    [[0.6000000238418579, 0.800000011920929]]
+    >>> [np.round(np.asarray(g), 6).tolist() for g in clip_by_norm([np.array([3.0, 4.0])], 1.0)]
+    [[0.6, 0.8]]
     """
     max_norm = ops.cast(max_norm, "float32")
     return [

@@ -113,7 +113,7 @@ class Clipper:
     @staticmethod
     def _threshold_state(value):
         if isinstance(value, LearningRateSchedule):
-            value = float(value(0))
+            value = 0.0  # A schedule's value is written on every step.
         return np.asarray(value, "float32")
 
     @staticmethod

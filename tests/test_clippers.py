@@ -1,0 +1,277 @@
+"""Clippers and ops against NumPy references, from one table, plus invariants."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+
+import keras_clip as kc
+from keras_clip import clippers
+from keras_clip import ops as kc_ops
+
+SHAPES = [(), (7,), (5, 3), (3, 3, 2, 4)]
+
+
+def np_norm(x):
+    return float(np.sqrt(np.sum(np.square(x.astype(np.float64)))))
+
+
+def np_units(x):
+    """Unit norms in Keras's layout: reduce all axes but the last (rank >= 2)."""
+    x = x.astype(np.float64)
+    if x.ndim <= 1:
+        return np.sqrt(np.sum(x * x))
+    return np.sqrt(np.sum(x * x, axis=tuple(range(x.ndim - 1)), keepdims=True))
+
+
+def ref_value(grads, params, c):
+    return [np.clip(g, -c, c) for g in grads]
+
+
+def ref_norm(grads, params, c):
+    return [g * (c / np_norm(g)) if np_norm(g) > c else g for g in grads]
+
+
+def ref_global(grads, params, c):
+    n = math.sqrt(sum(np_norm(g) ** 2 for g in grads))
+    return [g * (c / n) if n > c else g for g in grads]
+
+
+def ref_agc(grads, params, cf, eps=1e-3):
+    out = []
+    for g, p in zip(grads, params):
+        max_norm = cf * np.maximum(np_units(p), eps)
+        gn = np_units(g)
+        scale = np.where(gn > max_norm, max_norm / np.where(gn > 0, gn, 1), 1.0)
+        out.append(g * scale)
+    return out
+
+
+# One table: (make clipper, NumPy reference, per-tensor bound check).
+TABLE = {
+    "value": (lambda: kc.ValueClip(0.3), lambda g, p: ref_value(g, p, 0.3)),
+    "norm": (lambda: kc.NormClip(1.5), lambda g, p: ref_norm(g, p, 1.5)),
+    "global_norm": (lambda: kc.GlobalNormClip(2.0), lambda g, p: ref_global(g, p, 2.0)),
+    "agc": (lambda: kc.AdaptiveGradClip(0.05), lambda g, p: ref_agc(g, p, 0.05)),
+}
+
+
+def random_lists(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    grads = [(rng.standard_normal(s) * scale).astype("float32") for s in SHAPES]
+    params = [rng.standard_normal(s).astype("float32") for s in SHAPES]
+    return grads, params
+
+
+def run(clipper, grads, params):
+    state = {k: np.asarray(v) for k, v in clipper.init_state(params).items()}
+    out, new_state, info = clipper.update(grads, state, params)
+    return [np.asarray(o) for o in out], new_state, info
+
+
+@pytest.mark.parametrize("name", TABLE)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+def test_matches_numpy_reference(name, seed, scale):
+    make, ref = TABLE[name]
+    grads, params = random_lists(seed, scale)
+    out, _, info = run(make(), grads, params)
+    expected = ref(grads, params)
+    for o, e, g in zip(out, expected, grads):
+        assert o.shape == g.shape and o.dtype == g.dtype
+        np.testing.assert_allclose(o, e, rtol=1e-5, atol=1e-7)
+    # The statistics the clipper reports match the result.
+    np.testing.assert_allclose(
+        float(info["clipped_norm"]), math.sqrt(sum(np_norm(o) ** 2 for o in out)),
+        rtol=1e-5,
+    )
+    changed = any(not np.array_equal(o, g) for o, g in zip(out, grads))
+    assert bool(info["clipped"]) == changed
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_clipping_twice_equals_once(name):
+    make, _ = TABLE[name]
+    grads, params = random_lists(3, 30.0)
+    once, _, _ = run(make(), grads, params)
+    twice, _, _ = run(make(), once, params)
+    for a, b in zip(once, twice):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_inside_the_bound_is_returned_bit_for_bit(name):
+    make, _ = TABLE[name]
+    grads, params = random_lists(4, 1e-4)
+    out, _, info = run(make(), grads, params)
+    for o, g in zip(out, grads):
+        assert np.array_equal(o, g)
+    assert not bool(info["clipped"])
+
+
+@pytest.mark.parametrize("name", TABLE)
+def test_zero_gradient_stays_zero(name):
+    make, _ = TABLE[name]
+    grads = [np.zeros(s, "float32") for s in SHAPES]
+    _, params = random_lists(5)
+    params[1] = np.zeros_like(params[1])  # a zero weight too (AGC's epsilon)
+    out, _, info = run(make(), grads, params)
+    for o in out:
+        assert np.all(o == 0) and np.all(np.isfinite(o))
+    assert float(info["clipped_norm"]) == 0.0
+
+
+def test_bounds_hold_after_clipping():
+    grads, params = random_lists(6, 50.0)
+    out, _, _ = run(kc.ValueClip(0.3), grads, params)
+    assert max(np.abs(o).max() for o in out) <= 0.3
+    out, _, _ = run(kc.NormClip(1.5), grads, params)
+    assert max(np_norm(o) for o in out) <= 1.5 * (1 + 1e-6)
+    out, _, _ = run(kc.GlobalNormClip(2.0), grads, params)
+    assert math.sqrt(sum(np_norm(o) ** 2 for o in out)) <= 2.0 * (1 + 1e-6)
+    out, _, _ = run(kc.AdaptiveGradClip(0.05), grads, params)
+    for o, p in zip(out, params):
+        assert np.all(np_units(o) <= 0.05 * np.maximum(np_units(p), 1e-3) * (1 + 1e-6))
+
+
+def test_global_norm_scales_every_tensor_by_one_factor():
+    grads, params = random_lists(7, 10.0)
+    out, _, _ = run(kc.GlobalNormClip(1.0), grads, params)
+    ratios = [np_norm(o) / np_norm(g) for o, g in zip(out, grads)]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-5)
+    assert ratios[0] < 1
+
+
+def test_agc_uses_the_last_axis_as_unit():
+    # Two output units of a Dense kernel (in=2, out=2): only the second clips.
+    g = np.array([[3.0, 30.0], [4.0, 40.0]], "float32")
+    w = np.array([[300.0, 3.0], [400.0, 4.0]], "float32")
+    out = np.asarray(kc.ops.adaptive_grad_clip([g], [w], clip_factor=0.1)[0])
+    np.testing.assert_allclose(out[:, 0], g[:, 0])
+    np.testing.assert_allclose(np.linalg.norm(out[:, 1]), 0.5, rtol=1e-6)
+
+
+def test_agc_exclude_and_axis():
+    grads, params = random_lists(8, 30.0)
+    paths = ["a/bias", "dense/kernel", "predictions/kernel", "conv/kernel"]
+
+    class P:  # a weight with a path, like a keras.Variable
+        def __init__(self, value, path):
+            self.value, self.path = value, path
+
+    named = [P(p, n) for p, n in zip(params, paths)]
+    clip = kc.AdaptiveGradClip(0.05, exclude=["predictions"])
+    out, _, _ = run(clip, grads, named)
+    np.testing.assert_array_equal(out[2], grads[2])
+    assert not np.array_equal(out[1], grads[1])
+    # axis=0 on a Dense kernel is the default unit; axis=(0, 1) on a conv
+    # kernel reduces the spatial axes only.
+    unit = kc.ops.unitwise_norm(params[3], axis=(0, 1))
+    assert tuple(unit.shape) == (1, 1, 2, 4)
+
+
+def test_ops_functions_match_numpy():
+    grads, params = random_lists(9, 5.0)
+    np.testing.assert_allclose(
+        float(kc.ops.global_norm(grads)),
+        math.sqrt(sum(np_norm(g) ** 2 for g in grads)), rtol=1e-6,
+    )
+    clipped, norm = kc.ops.clip_by_global_norm(grads, 1.0)
+    for a, b in zip(clipped, ref_global(grads, params, 1.0)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5)
+    for a, b in zip(kc.ops.clip_by_norm(grads, 1.0), ref_norm(grads, params, 1.0)):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5)
+    for a, b in zip(kc.ops.clip_by_value(grads, 0.2), ref_value(grads, params, 0.2)):
+        np.testing.assert_allclose(np.asarray(a), b)
+    for a, b in zip(
+        kc.ops.adaptive_grad_clip(grads, params, 0.05), ref_agc(grads, params, 0.05)
+    ):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7)
+    # None entries pass through.
+    assert kc.ops.clip_by_value([None], 1.0) == [None]
+
+
+def test_norms_accumulate_in_float32():
+    g = np.full((1000,), 300.0, "float16")  # float16 sum of squares overflows
+    norm = float(kc.ops.global_norm([g]))
+    np.testing.assert_allclose(norm, 300.0 * math.sqrt(1000), rtol=1e-4)
+    clipped, _ = kc.ops.clip_by_global_norm([g], 1.0)
+    out = np.asarray(clipped[0])
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))
+    np.testing.assert_allclose(np_norm(out), 1.0, rtol=1e-2)
+
+
+def test_nonfinite_norms_do_not_divide():
+    scale = kc_ops._scale(keras.ops.array([0.0, np.inf, np.nan, 0.5, 2.0]), 1.0)
+    np.testing.assert_array_equal(np.asarray(scale)[[0, 2, 3]], [1.0, 1.0, 1.0])
+    assert float(np.asarray(scale)[1]) == 0.0
+    assert float(np.asarray(scale)[4]) == 0.5
+
+
+# Serialization and strings.
+
+ALL = [
+    kc.ValueClip(0.5),
+    kc.NormClip(2.0),
+    kc.GlobalNormClip(3.0),
+    kc.AdaptiveGradClip(0.02, epsilon=1e-4, axis=(0, 1), exclude=["head"]),
+    kc.GlobalNormClip(keras.optimizers.schedules.ExponentialDecay(1.0, 10, 0.5)),
+]
+
+
+@pytest.mark.parametrize("clipper", ALL, ids=repr)
+def test_round_trip(clipper):
+    config = clipper.get_config()
+    again = type(clipper).from_config(config)
+    assert again.get_config() == config
+    revived = keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(clipper)
+    )
+    assert type(revived) is type(clipper)
+    assert revived.get_config() == config
+
+
+@pytest.mark.parametrize(
+    "name, cls",
+    [("value", kc.ValueClip), ("norm", kc.NormClip),
+     ("global_norm", kc.GlobalNormClip), ("agc", kc.AdaptiveGradClip)],
+)
+def test_strings_and_dicts(name, cls):
+    assert type(clippers.get(name)) is cls
+    assert clippers.get(name).get_config() == cls().get_config()
+    first_arg = next(iter(cls().get_config()))
+    from_dict = clippers.get({"class_name": name, "config": {first_arg: 0.25}})
+    assert type(from_dict) is cls and getattr(from_dict, first_arg) == 0.25
+
+
+@pytest.mark.parametrize(
+    "make, err, msg",
+    [
+        (lambda: kc.GlobalNormClip(0), ValueError, "Received: max_norm=0"),
+        (lambda: kc.NormClip(-1.0), ValueError, "Received: max_norm=-1.0"),
+        (lambda: kc.ValueClip(float("nan")), ValueError, "Received: max_value=nan"),
+        (lambda: kc.GlobalNormClip(float("inf")), ValueError, "Received: max_norm=inf"),
+        (lambda: kc.GlobalNormClip(True), TypeError, "Received: max_norm=True"),
+        (lambda: kc.ValueClip("1.0"), TypeError, "Received: max_value='1.0'"),
+        (lambda: kc.AdaptiveGradClip(0.0), ValueError, "Received: clip_factor=0.0"),
+        (lambda: kc.AdaptiveGradClip(epsilon=0), ValueError, "Received: epsilon=0"),
+        (lambda: kc.AdaptiveGradClip(epsilon="x"), TypeError, "Received: epsilon='x'"),
+        (lambda: kc.AdaptiveGradClip(axis="0"), TypeError, "Received: axis='0'"),
+        (lambda: kc.AdaptiveGradClip(exclude=3), TypeError, "Received: exclude=3"),
+        (lambda: kc.AdaptiveGradClip(exclude=["("]), ValueError, "Received: exclude=['(']"),
+        (lambda: clippers.get("bogus"), ValueError, "Received: clipper='bogus'"),
+        (lambda: clippers.get(3.0), TypeError, "Received: clipper=3.0"),
+    ],
+)
+def test_bad_arguments(make, err, msg):
+    with pytest.raises(err) as info:
+        make()
+    assert str(info.value).endswith(msg)
+
+
+def test_threshold_setter_checks_too():
+    clip = kc.GlobalNormClip(1.0)
+    with pytest.raises(ValueError, match="Received: max_norm=-2"):
+        clip.max_norm = -2
+    assert clip.max_norm == 1.0

@@ -1,0 +1,301 @@
+"""Clipped* optimizers: training, saving, the non-finite policies, statistics."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_clip as kc
+from keras_clip.optimizers import BUILTIN
+from keras_clip.optimizers import builtin_optimizer_classes
+
+CLASSES = sorted(BUILTIN)
+
+
+def small_model():
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, activation="tanh", name="hidden")(inputs)
+    outputs = keras.layers.Dense(2, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def data(n=64):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 6)).astype("float32")
+    y = np.stack([x.sum(1), x[:, 0] * 3], axis=1).astype("float32") * 5
+    return x, y
+
+
+def test_every_keras_optimizer_has_a_clipped_class():
+    for name, cls in builtin_optimizer_classes().items():
+        clipped_cls = getattr(kc, f"Clipped{name}")
+        assert issubclass(clipped_cls, cls) and issubclass(clipped_cls, kc.ClippingMixin)
+        assert f"Clipped{name}" in kc.__all__
+        assert keras.saving.get_registered_name(clipped_cls) == f"keras_clip>Clipped{name}"
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize("name", CLASSES)
+def test_fit(name, jit):
+    model = small_model()
+    opt = BUILTIN[name](learning_rate=0.01, global_clipnorm=1.0)
+    model.compile(optimizer=opt, loss="mse", jit_compile=jit)
+    before = [w.copy() for w in model.get_weights()]
+    x, y = data()
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert all(np.isfinite(history.history["loss"]))
+    after = model.get_weights()
+    assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    stats = opt.gradient_stats()
+    assert stats["steps"] == 8 and stats["clip_threshold"] == 1.0
+    assert stats["clipped_steps"] == 8  # targets of scale 5: always clipped
+    np.testing.assert_allclose(stats["clipped_grad_norm"], 1.0, rtol=1e-5)
+
+
+def _opt_values(opt):
+    return [np.asarray(v.numpy()) for v in opt.variables]
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_keras_file_round_trip(name, tmp_path):
+    model = small_model()
+    opt = BUILTIN[name](learning_rate=0.01, clipper=kc.NormClip(0.5))
+    model.compile(optimizer=opt, loss="mse")
+    x, y = data()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.optimizer) is type(opt)
+    assert loaded.optimizer.get_config() == opt.get_config()
+    a, b = _opt_values(opt), _opt_values(loaded.optimizer)
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+    assert loaded.optimizer.gradient_stats() == opt.gradient_stats()
+
+
+def test_tf_checkpoint_restores_everything(tmp_path):
+    model = small_model()
+    opt = kc.ClippedAdam(learning_rate=0.01, clipper=kc.GlobalNormClip(0.7))
+    model.compile(optimizer=opt, loss="mse")
+    x, y = data()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    prefix = tf.train.Checkpoint(model=model, optimizer=opt).save(
+        os.path.join(tmp_path, "ckpt")
+    )
+    model2 = small_model()
+    opt2 = kc.ClippedAdam(learning_rate=0.01, clipper=kc.GlobalNormClip(0.7))
+    opt2.build(model2.trainable_variables)
+    tf.train.Checkpoint(model=model2, optimizer=opt2).restore(prefix).assert_consumed()
+    for u, v in zip(_opt_values(opt), _opt_values(opt2)):
+        np.testing.assert_array_equal(u, v)
+    assert opt2.gradient_stats() == opt.gradient_stats()
+    assert float(opt2.clipper._variables["threshold"].numpy()) == np.float32(0.7)
+
+
+def test_shortcuts_map_to_clippers():
+    assert isinstance(kc.ClippedAdam(clipnorm=1.0).clipper, kc.NormClip)
+    assert isinstance(kc.ClippedAdam(clipvalue=1.0).clipper, kc.ValueClip)
+    opt = kc.ClippedAdam(global_clipnorm=2.0)
+    assert isinstance(opt.clipper, kc.GlobalNormClip) and opt.clipper.max_norm == 2.0
+    assert isinstance(kc.ClippedSGD(clipper="agc").clipper, kc.AdaptiveGradClip)
+    assert kc.ClippedSGD().clipper is None
+    config = opt.get_config()
+    assert config["global_clipnorm"] is None and config["nonfinite"] == "skip"
+    again = kc.ClippedAdam.from_config(config)
+    assert again.get_config() == config
+
+
+def test_clipped_factory():
+    assert kc.clipped(keras.optimizers.Adam) is kc.ClippedAdam
+    assert kc.clipped(kc.ClippedAdam) is kc.ClippedAdam
+
+    class MySGD(keras.optimizers.SGD):
+        pass
+
+    cls = kc.clipped(MySGD)
+    assert cls is kc.clipped(MySGD) and cls.__name__ == "ClippedMySGD"
+    assert keras.saving.get_registered_name(cls) == "keras_clip>ClippedMySGD"
+    with pytest.raises(TypeError, match="Received: cls=3"):
+        kc.clipped(3)
+    with pytest.raises(TypeError, match="wraps other optimizers"):
+        kc.clipped(keras.optimizers.LossScaleOptimizer)
+
+
+def test_factory_class_reloads(tmp_path):
+    @keras.saving.register_keras_serializable(package="my_pkg")
+    class MyAdam(keras.optimizers.Adam):
+        pass
+
+    cls = kc.clipped(MyAdam)
+    assert keras.saving.get_registered_name(cls) == "keras_clip>Clippedmy_pkg.MyAdam"
+    model = small_model()
+    model.compile(optimizer=cls(global_clipnorm=1.0), loss="mse")
+    model.fit(*data(), epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    assert type(keras.saving.load_model(path).optimizer) is cls
+
+
+# Thresholds live in variables.
+
+
+def _grads_and_vars():
+    variables = [keras.Variable(np.ones((3, 2), "float32")), keras.Variable(np.ones(2, "float32"))]
+    grads = [tf.constant(np.full((3, 2), 2.0, "float32")), tf.constant([3.0, 4.0])]
+    return grads, variables
+
+
+def test_new_threshold_takes_effect_without_retracing():
+    grads, variables = _grads_and_vars()
+    opt = kc.ClippedSGD(learning_rate=0.1, clipper=kc.GlobalNormClip(1.0))
+    step = tf.function(lambda: opt.apply(grads, variables), jit_compile=True)
+    step()
+    assert opt.gradient_stats()["clipped_grad_norm"] == pytest.approx(1.0)
+    traces = step.experimental_get_tracing_count()
+    opt.clipper.max_norm = 0.25
+    step()
+    stats = opt.gradient_stats()
+    assert stats["clipped_grad_norm"] == pytest.approx(0.25)
+    assert stats["clip_threshold"] == 0.25
+    assert step.experimental_get_tracing_count() == traces
+    assert opt.get_config()["clipper"]["config"]["max_norm"] == 0.25
+
+
+def test_schedule_threshold_follows_iterations():
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([2], [2.0, 0.5])
+    grads, variables = _grads_and_vars()
+    opt = kc.ClippedSGD(learning_rate=0.1, clipper=kc.GlobalNormClip(schedule))
+    step = tf.function(lambda: opt.apply(grads, variables))
+    seen = []
+    for _ in range(4):
+        step()
+        seen.append(opt.gradient_stats()["clip_threshold"])
+    assert seen == [2.0, 2.0, 2.0, 0.5]  # evaluated on iterations 0..3
+    with pytest.raises(ValueError, match="between a number and a schedule"):
+        opt.clipper.max_norm = 1.0
+
+
+# Non-finite gradients.
+
+
+def _adam_case(policy, bad):
+    """Two steps of ClippedAdam; the second one's gradient holds `bad`."""
+    variables = [keras.Variable(np.ones((4, 3), "float32"), name="w"),
+                 keras.Variable(np.ones(3, "float32"), name="b")]
+    rng = np.random.default_rng(0)
+    good = [rng.standard_normal((4, 3)).astype("float32"),
+            rng.standard_normal(3).astype("float32")]
+    opt = kc.ClippedAdam(learning_rate=0.1, global_clipnorm=1.0, nonfinite=policy)
+    step = tf.function(lambda g: opt.apply(g, variables), jit_compile=True)
+    step([tf.constant(g) for g in good])
+    snapshot = [v.numpy().copy() for v in variables], _opt_values(opt)
+    poisoned = [good[0].copy(), good[1].copy()]
+    poisoned[0][1, 2] = bad
+    step([tf.constant(g) for g in poisoned])
+    return opt, variables, snapshot, good
+
+
+STATE_STATS = ("grad_norm", "clipped_grad_norm", "clip_threshold", "steps",
+               "clipped_steps", "nonfinite_steps")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_skip_changes_no_weight_slot_or_state(bad):
+    opt, variables, (weights, opt_vars), _ = _adam_case("skip", bad)
+    for w, v in zip(weights, variables):
+        np.testing.assert_array_equal(w, v.numpy())
+    names = [v.path for v in opt.variables]
+    for name, old, new in zip(names, opt_vars, _opt_values(opt)):
+        if "iteration" in name or "stats_" in name:
+            continue
+        np.testing.assert_array_equal(old, new, err_msg=name)
+    stats = opt.gradient_stats()
+    assert stats["nonfinite_steps"] == 1 and stats["steps"] == 2
+    assert stats["clipped_steps"] == 1 and stats["clipped_grad_norm"] == 0.0
+    assert not np.isfinite(stats["grad_norm"])
+    assert int(opt.iterations.numpy()) == 2
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_zero_applies_a_zero_gradient(bad):
+    opt, variables, _, good = _adam_case("zero", bad)
+    # Reference: the same two steps with an all-zero second gradient.
+    ref_vars = [keras.Variable(np.ones((4, 3), "float32")), keras.Variable(np.ones(3, "float32"))]
+    ref = kc.ClippedAdam(learning_rate=0.1, global_clipnorm=1.0)
+    ref.apply([tf.constant(g) for g in good], ref_vars)
+    ref.apply([tf.zeros((4, 3)), tf.zeros(3)], ref_vars)
+    for v, r in zip(variables, ref_vars):
+        assert np.all(np.isfinite(v.numpy()))
+        np.testing.assert_allclose(v.numpy(), r.numpy(), rtol=1e-6)
+    assert opt.gradient_stats()["nonfinite_steps"] == 1
+
+
+def test_propagate_is_keras_behaviour():
+    opt, variables, _, _ = _adam_case("propagate", np.nan)
+    assert np.isnan(variables[0].numpy()[1, 2])
+    assert opt.gradient_stats()["nonfinite_steps"] == 1
+
+
+def test_skip_in_fit_keeps_weights_finite():
+    model = small_model()
+    opt = kc.ClippedAdam(learning_rate=0.01, global_clipnorm=1.0)
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    x, y = data(64)
+    y[17] = np.nan  # one batch of 16 holds a NaN target
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    assert all(np.all(np.isfinite(w)) for w in model.get_weights())
+    assert opt.gradient_stats()["nonfinite_steps"] == 1
+
+
+def test_plain_keras_would_have_nan_weights():
+    # The control for the test above: without keras-clip the run is lost.
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.Adam(0.01, global_clipnorm=1.0), loss="mse")
+    x, y = data(64)
+    y[17] = np.nan
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    assert not all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+# Bad input.
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, msg",
+    [
+        (dict(clipnorm=1.0, global_clipnorm=1.0), ValueError,
+         "Only one of `clipper`, `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+         "Received: clipnorm=1.0, global_clipnorm=1.0"),
+        (dict(clipper="norm", clipvalue=1.0), ValueError, "can be set. Received: clipper='norm', clipvalue=1.0"),
+        (dict(clipnorm=0), ValueError, "Received: clipnorm=0"),
+        (dict(clipvalue=-1), ValueError, "Received: clipvalue=-1"),
+        (dict(global_clipnorm=float("nan")), ValueError, "Received: global_clipnorm=nan"),
+        (dict(global_clipnorm=True), TypeError, "Received: global_clipnorm=True"),
+        (dict(clipnorm="1"), TypeError, "Received: clipnorm='1'"),
+        (dict(clipper="nope"), ValueError, "Received: clipper='nope'"),
+        (dict(clipper=1.0), TypeError, "Received: clipper=1.0"),
+        (dict(nonfinite="ignore"), ValueError, "Received: nonfinite='ignore'"),
+        (dict(nonfinite=None), TypeError, "Received: nonfinite=None"),
+    ],
+)
+def test_bad_arguments(kwargs, err, msg):
+    with pytest.raises(err) as info:
+        kc.ClippedAdam(**kwargs)
+    assert str(info.value).endswith(msg)
+
+
+def test_a_clipper_belongs_to_one_optimizer():
+    clip = kc.GlobalNormClip(1.0)
+    grads, variables = _grads_and_vars()
+    kc.ClippedSGD(clipper=clip).apply(grads, variables)
+    with pytest.raises(ValueError, match="give each optimizer its own clipper"):
+        kc.ClippedSGD(clipper=clip)
+
+
+def test_stats_before_build_is_a_clear_error():
+    with pytest.raises(ValueError, match="before its first step"):
+        kc.ClippedAdam().gradient_stats()
