@@ -2,11 +2,14 @@
 observable and free of cost."""
 
 from keras_clip import ops
+from keras_clip.clippers import AdaGC
 from keras_clip.clippers import AdaptiveGradClip
+from keras_clip.clippers import AutoClip
 from keras_clip.clippers import Clipper
 from keras_clip.clippers import GlobalNormClip
 from keras_clip.clippers import NormClip
 from keras_clip.clippers import ValueClip
+from keras_clip.clippers import ZClip
 from keras_clip.optimizers import ClippedAdadelta
 from keras_clip.optimizers import ClippedAdafactor
 from keras_clip.optimizers import ClippedAdagrad
@@ -27,7 +30,9 @@ from keras_clip.optimizers import clipped
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGC",
     "AdaptiveGradClip",
+    "AutoClip",
     "ClippedAdadelta",
     "ClippedAdafactor",
     "ClippedAdagrad",
@@ -47,6 +52,7 @@ __all__ = [
     "GlobalNormClip",
     "NormClip",
     "ValueClip",
+    "ZClip",
     "clipped",
     "ops",
 ]

@@ -3,6 +3,9 @@
 from keras.saving import deserialize_keras_object
 from keras.saving import serialize_keras_object
 
+from keras_clip.clippers.adaptive import AdaGC
+from keras_clip.clippers.adaptive import AutoClip
+from keras_clip.clippers.adaptive import ZClip
 from keras_clip.clippers.base import Clipper
 from keras_clip.clippers.fixed import AdaptiveGradClip
 from keras_clip.clippers.fixed import GlobalNormClip
@@ -14,6 +17,9 @@ ALIASES = {
     "norm": NormClip,
     "global_norm": GlobalNormClip,
     "agc": AdaptiveGradClip,
+    "autoclip": AutoClip,
+    "zclip": ZClip,
+    "adagc": AdaGC,
 }
 
 
@@ -66,7 +72,10 @@ def get(identifier):
 
 
 __all__ = [
+    "AdaGC",
     "AdaptiveGradClip",
+    "AutoClip",
+    "ZClip",
     "Clipper",
     "GlobalNormClip",
     "NormClip",
