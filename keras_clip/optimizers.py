@@ -92,6 +92,7 @@ class ClippingMixin:
         super().__init__(*args, **kwargs)
         self.clipper = clipper
         self.nonfinite = nonfinite
+        self._gradient_probes = ()
 
     def build(self, variables):
         if self.built:
@@ -115,23 +116,65 @@ class ClippingMixin:
         }
         if clipper is not None:
             clipper._bind(self._clip_state)
-        self._stats = stats.build(self)
+        self._stats = stats.build(self, len(variables))
 
-    def gradient_stats(self):
-        """The gradient statistics of the last step, as Python numbers.
+    def gradient_stats(self, reset_window=False):
+        """The gradient statistics, as Python numbers, read from the step.
+
+        Args:
+            reset_window: Bool: start a new window after reading (for readers
+                that aggregate over windows, like `GradientMonitor`).
+                Defaults to `False`.
 
         Returns:
-            A dict with `grad_norm` (global norm before clipping),
-            `clipped_grad_norm` (after), `clip_threshold`, `clip_scale`,
-            `steps`, `clipped_steps`, `nonfinite_steps` and `clip_rate`
-            (`clipped_steps / steps`).
+            A dict with, for the last step, `grad_norm` (global norm before
+            clipping), `clipped_grad_norm` (after), `clip_threshold` and
+            `clip_scale`; since the start, `steps`, `clipped_steps`,
+            `nonfinite_steps` and `clip_rate` (`clipped_steps / steps`); and
+            since the last window reset, `window_steps` (finite steps),
+            `window_norm_sum` and `window_norm_max`.
         """
+        self._check_built()
+        out = stats.read(self._stats)
+        if reset_window:
+            stats.reset_window(self._stats)
+        return out
+
+    def gradient_norms_by_variable(self):
+        """The last step's gradient norm (before clipping) of each variable.
+
+        Returns:
+            A dict of variable path -> Python float, in the optimizer's order.
+        """
+        self._check_built()
+        norms = stats.read_variable_norms(self._stats)
+        return {
+            getattr(v, "path", v.name): float(n)
+            for v, n in zip(self._trainable_variables, norms)
+        }
+
+    def _check_built(self):
         if not self.built:
             raise ValueError(
                 "The optimizer has no statistics before its first step "
                 "(it is not built yet)."
             )
-        return stats.read(self._stats)
+
+    def add_gradient_probe(self, probe):
+        """Registers `probe(grads, variables, step)`, called inside each step.
+
+        For callbacks that need more than the built-in statistics (e.g. the
+        histogram logger): `grads` are the gradients before clipping, in the
+        order of `variables`, and `step` is the update step's index. A probe
+        must keep its own state in variables it created outside the step.
+        The train function has to be re-traced for a new probe to run.
+        """
+        self._gradient_probes = tuple(self._gradient_probes) + (probe,)
+
+    def remove_gradient_probe(self, probe):
+        self._gradient_probes = tuple(
+            p for p in self._gradient_probes if p is not probe
+        )
 
     # The step.
 
@@ -157,8 +200,11 @@ class ClippingMixin:
 
     def _clipped_update(self, grads, variables):
         values, rewrap = backend.split_sparse(grads)
-        norm = kc_ops.global_norm(values)
+        squares = ops.stack([kc_ops._sq_norm(g) for g in values])
+        norm = ops.sqrt(ops.sum(squares))
         finite = ops.isfinite(norm)
+        for probe in self._gradient_probes:
+            probe(values, variables, self.iterations)
         if self.nonfinite == "zero":
             values = [ops.where(finite, g, ops.zeros_like(g)) for g in values]
             norm_in = ops.where(finite, norm, ops.zeros_like(norm))
@@ -204,7 +250,19 @@ class ClippingMixin:
             threshold=threshold,
             clipped=clipped,
             finite=finite,
+            variable_norms=self._scatter_norms(ops.sqrt(squares), variables),
         )
+
+    def _scatter_norms(self, norms, variables):
+        """Per-variable norms laid out like the optimizer's variable list."""
+        index = [self._get_variable_index(v) for v in variables]
+        if index == list(range(len(self._trainable_variables))):
+            return norms
+        # Some variables had no gradient this step: they get a zero norm.
+        columns = [ops.zeros((), "float32")] * len(self._trainable_variables)
+        for i, j in enumerate(index):
+            columns[j] = norms[i]
+        return ops.stack(columns)
 
     def _moving_average_step(self):
         """Keras's EMA update, moved inside the step so a skip skips it too."""

@@ -299,3 +299,42 @@ def test_a_clipper_belongs_to_one_optimizer():
 def test_stats_before_build_is_a_clear_error():
     with pytest.raises(ValueError, match="before its first step"):
         kc.ClippedAdam().gradient_stats()
+
+
+# Statistics for readers: windows, per-variable norms, probes.
+
+
+def test_window_statistics_and_per_variable_norms():
+    grads, variables = _grads_and_vars()
+    opt = kc.ClippedSGD(learning_rate=0.1, global_clipnorm=1.0)
+    step = tf.function(lambda g: opt.apply(g, variables), jit_compile=True)
+    step(grads)
+    step([g * 2 for g in grads])
+    step([tf.fill((3, 2), np.nan), grads[1]])  # skipped, not in the window
+    expected = [np.sqrt(24.0), 5.0]  # norms of the two gradients of step 1
+    stats = opt.gradient_stats(reset_window=True)
+    assert stats["window_steps"] == 2 and stats["steps"] == 3
+    total = np.sqrt(24.0 + 25.0)
+    np.testing.assert_allclose(stats["window_norm_sum"], 3 * total, rtol=1e-6)
+    np.testing.assert_allclose(stats["window_norm_max"], 2 * total, rtol=1e-6)
+    after = opt.gradient_stats()
+    assert after["window_steps"] == 0 and after["window_norm_max"] == 0.0
+    step(grads)
+    norms = opt.gradient_norms_by_variable()
+    assert list(norms) == [v.path for v in variables]
+    np.testing.assert_allclose(list(norms.values()), expected, rtol=1e-6)
+
+
+def test_gradient_probe_sees_raw_gradients_in_the_step():
+    grads, variables = _grads_and_vars()
+    seen = keras.Variable(0.0, trainable=False)
+
+    def probe(g, v, step):
+        seen.assign_add(keras.ops.sum(g[1]))  # before clipping: 3 + 4
+
+    opt = kc.ClippedSGD(learning_rate=0.1, global_clipnorm=1.0)
+    opt.add_gradient_probe(probe)
+    tf.function(lambda: opt.apply(grads, variables), jit_compile=True)()
+    assert float(seen.numpy()) == 7.0
+    opt.remove_gradient_probe(probe)
+    assert opt._gradient_probes == ()
