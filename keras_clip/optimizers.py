@@ -199,6 +199,15 @@ class ClippingMixin:
         ops.cond((self._iterations + 1) % steps == 0, update, accumulate)
 
     def _clipped_update(self, grads, variables):
+        """Non-finite check, clip, weight decay, update, EMA, statistics.
+
+        Under `tf.distribute` with several replicas the gradients are summed
+        across replicas first, so the clipper sees what a single device would
+        see, and every assignment happens once, in cross-replica context.
+        """
+        replica = backend.replica_context()
+        if replica is not None:
+            grads = backend.all_reduce_sum(replica, grads)
         values, rewrap = backend.split_sparse(grads)
         squares = ops.stack([kc_ops._sq_norm(g) for g in values])
         norm = ops.sqrt(ops.sum(squares))
@@ -213,45 +222,112 @@ class ClippingMixin:
         current = {k: v.value for k, v in self._clip_state.items()}
         old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
 
-        def step():
+        def clip():
             if self.clipper is None:
-                clipped, new_state = values, {}
                 info = {"clipped": ops.array(False), "clipped_norm": norm_in}
-            else:
-                clipped, new_state, info = self.clipper.update(
-                    values, current, variables, norm=norm_in, step=self.iterations
-                )
-            for name, var in self._clip_state.items():
-                var.assign(ops.where(finite, new_state[name], current[name]))
-            self._apply_weight_decay(variables)
-            self._backend_update_step(rewrap(clipped), variables, self.learning_rate)
-            self._moving_average_step()
+                return values, {}, info, old_threshold
+            clipped, new_state, info = self.clipper.update(
+                values, current, variables, norm=norm_in, step=self.iterations
+            )
+            # Adaptive state never ingests a non-finite step.
+            new_state = {
+                k: ops.where(finite, new_state[k], current[k]) for k in current
+            }
+            return clipped, new_state, info, new_state.get("threshold", old_threshold)
+
+        def summary(info, threshold):
             return [
                 ops.cast(info["clipped_norm"], "float32"),
                 ops.cast(info["clipped"], "bool"),
-                ops.cast(new_state.get("threshold", old_threshold), "float32"),
+                ops.cast(threshold, "float32"),
             ]
 
         def skipped():
-            zero = ops.zeros((), "float32")
-            return [zero, ops.array(False), old_threshold]
+            return [ops.zeros((), "float32"), ops.array(False), old_threshold]
 
-        if self.nonfinite == "skip":
-            protect = list(variables) + self.variables
-            clipped_norm, clipped, threshold = backend.run_if(
-                finite, step, skipped, protect
-            )
+        skip = self.nonfinite == "skip"
+        if replica is None:
+
+            def step():
+                clipped, new_state, info, threshold = clip()
+                for name, var in self._clip_state.items():
+                    var.assign(new_state[name])
+                self._apply_weight_decay(variables)
+                self._backend_update_step(
+                    rewrap(clipped), variables, self.learning_rate
+                )
+                self._moving_average_step()
+                return summary(info, threshold)
+
+            if skip:
+                protect = list(variables) + self.variables
+                result = backend.run_if(finite, step, skipped, protect)
+            else:
+                result = step()
         else:
-            clipped_norm, clipped, threshold = step()
-        stats.record(
+            clipped, new_state, info, threshold = clip()
+            result = summary(info, threshold)
+            if skip:
+                result = [ops.where(finite, a, b) for a, b in zip(result, skipped())]
+        clipped_norm, clipped_flag, threshold = result
+        updates = stats.updates(
             self._stats,
             norm=norm,
             clipped_norm=clipped_norm,
             threshold=threshold,
-            clipped=clipped,
+            clipped=clipped_flag,
             finite=finite,
             variable_norms=self._scatter_norms(ops.sqrt(squares), variables),
         )
+        if replica is None:
+            for name, value in updates.items():
+                self._stats[name].assign(value)
+            return
+        backend.merge_call(
+            replica,
+            self._cross_replica_update,
+            finite,
+            rewrap(clipped),
+            new_state,
+            updates,
+            variables,
+        )
+
+    def _cross_replica_update(
+        self, distribution, finite, grads, new_state, updates, variables
+    ):
+        """The assignments of a distributed step, once, in cross-replica context.
+
+        Every replica computed the same values (from the same summed
+        gradients), so the first replica's `finite` decides for all of them.
+        """
+        finite = distribution.experimental_local_results(finite)[0]
+        assign = backend.cross_replica_assign
+
+        def apply():
+            for name, var in self._clip_state.items():
+                assign(distribution, var, new_state[name])
+            if self.weight_decay is not None:
+                lr = self.learning_rate
+                for var in variables:
+                    if self._use_weight_decay(var):
+                        backend.cross_replica_decay(
+                            distribution, var, self.weight_decay, lr
+                        )
+            self._distributed_tf_update_step(
+                distribution,
+                [(g, v.value) for g, v in zip(grads, variables)],
+                self.learning_rate,
+            )
+            self._moving_average_step()
+            return []
+
+        if self.nonfinite == "skip":
+            backend.run_if(finite, apply, lambda: [], [])
+        else:
+            apply()
+        for name, value in updates.items():
+            assign(distribution, self._stats[name], value)
 
     def _scatter_norms(self, norms, variables):
         """Per-variable norms laid out like the optimizer's variable list."""

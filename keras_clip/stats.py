@@ -41,23 +41,29 @@ def build(optimizer, num_variables):
     return out
 
 
-def record(variables, *, norm, clipped_norm, threshold, clipped, finite,
-           variable_norms):
-    """Records one update step (scalar tensors, and the per-variable norms)."""
-    v = variables
-    v["grad_norm"].assign(norm)
-    v["clipped_grad_norm"].assign(clipped_norm)
-    v["clip_threshold"].assign(threshold)
-    v["steps"].assign_add(1)
-    v["clipped_steps"].assign_add(ops.cast(clipped, "int32"))
-    v["nonfinite_steps"].assign_add(ops.cast(ops.logical_not(finite), "int32"))
-    v["window_steps"].assign_add(ops.cast(finite, "int32"))
-    v["window_norm_sum"].assign_add(ops.where(finite, norm, 0.0))
-    v["window_norm_max"].assign(
-        ops.where(finite, ops.maximum(v["window_norm_max"].value, norm),
-                  v["window_norm_max"].value)
-    )
-    v["variable_norms"].assign(variable_norms)
+def updates(variables, *, norm, clipped_norm, threshold, clipped, finite,
+            variable_norms):
+    """The new value of every statistics variable after one update step.
+
+    Pure (reads the variables, assigns nothing), so the caller can assign in
+    whichever context it must (under `tf.distribute`: cross-replica).
+    """
+    v = {name: var.value for name, var in variables.items()}
+    return {
+        "grad_norm": norm,
+        "clipped_grad_norm": clipped_norm,
+        "clip_threshold": threshold,
+        "steps": v["steps"] + 1,
+        "clipped_steps": v["clipped_steps"] + ops.cast(clipped, "int32"),
+        "nonfinite_steps": v["nonfinite_steps"]
+        + ops.cast(ops.logical_not(finite), "int32"),
+        "window_steps": v["window_steps"] + ops.cast(finite, "int32"),
+        "window_norm_sum": v["window_norm_sum"] + ops.where(finite, norm, 0.0),
+        "window_norm_max": ops.where(
+            finite, ops.maximum(v["window_norm_max"], norm), v["window_norm_max"]
+        ),
+        "variable_norms": variable_norms,
+    }
 
 
 def reset_window(variables):

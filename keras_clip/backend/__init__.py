@@ -60,3 +60,55 @@ def split_sparse(grads):
         return out
 
     return values, rewrap
+
+
+# tf.distribute: clipping after the all-reduce (DESIGN.md, step contract 1).
+
+
+def replica_context():
+    """The replica context when several replicas train in sync, else `None`.
+
+    Only TensorFlow's `tf.distribute` has replicas inside the step; under one
+    device (or the default strategy) the plain path is used.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context
+
+
+def all_reduce_sum(context, grads):
+    """Sums the gradients across replicas: every replica gets the full sum."""
+    import tensorflow as tf
+
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
+
+
+def merge_call(context, fn, *args):
+    """Runs `fn(distribution, *args)` once, in cross-replica context."""
+    return context.merge_call(fn, args=args)
+
+
+def cross_replica_assign(distribution, variable, value):
+    """Assigns each replica's copy of `variable` its replica's `value`."""
+    target = getattr(variable, "value", variable)
+    distribution.extended.update(
+        target, lambda var, x: var.assign(x), args=(value,), group=False
+    )
+
+
+def cross_replica_decay(distribution, variable, weight_decay, learning_rate):
+    """Keras's decoupled weight decay, `w <- w - w * wd * lr`, per replica."""
+    import tensorflow as tf
+
+    def decay(var):
+        wd = tf.cast(weight_decay, var.dtype)
+        var.assign_sub(var * wd * tf.cast(learning_rate, var.dtype))
+
+    distribution.extended.update(variable.value, decay, group=False)
