@@ -1,0 +1,269 @@
+"""Clipping sees what a single-device, full-precision step would see.
+
+Mixed precision, gradient accumulation, sparse gradients, weight decay and
+EMA, and a guard on the Keras internals keras-clip hooks into. (Multi-device
+and multi-worker: tests/test_distributed.py.)
+"""
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_clip as kc
+
+CLIPPERS = {
+    "value": lambda: kc.ValueClip(0.05),
+    "norm": lambda: kc.NormClip(0.3),
+    "global_norm": lambda: kc.GlobalNormClip(0.5),
+    "agc": lambda: kc.AdaptiveGradClip(0.02),
+    "autoclip": lambda: kc.AutoClip(50.0, history_size=8),
+    "zclip": lambda: kc.ZClip(warmup_steps=2, z_thresh=0.5),
+    "adagc": lambda: kc.AdaGC(warmup_steps=2, relative_factor=0.5),
+}
+
+
+def dense_model(dtype=None, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(16, activation="tanh", dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+def data(n=32, scale=3.0):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 6)).astype("float32")
+    y = (x @ rng.standard_normal((6, 2)) * scale).astype("float32")
+    return x, y
+
+
+# Mixed precision.
+
+
+def _float32_first_step_norm():
+    model = dense_model()
+    opt = kc.ClippedSGD(0.1, global_clipnorm=1.0)
+    model.compile(opt, "mse")
+    x, y = data()
+    model.train_on_batch(x, y)
+    return opt.gradient_stats()["grad_norm"]
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["policy", "explicit"])
+def test_mixed_precision_clips_unscaled_gradients(explicit):
+    reference = _float32_first_step_norm()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = dense_model()
+    inner = kc.ClippedSGD(0.1, global_clipnorm=1.0)
+    opt = keras.optimizers.LossScaleOptimizer(inner) if explicit else inner
+    model.compile(opt, "mse")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert model.optimizer.inner_optimizer is inner
+    x, y = data()
+    # The loss scale starts at 2**15 and halves on each overflowing step,
+    # which the LossScaleOptimizer skips without calling the inner one: let it
+    # settle. Skipped steps leave the weights alone, so the first applied step
+    # sees the initial weights, like the float32 reference.
+    for _ in range(20):
+        model.train_on_batch(x, y)
+        if inner.built and inner.gradient_stats()["steps"]:
+            break
+    stats = inner.gradient_stats()
+    assert stats["steps"] == 1
+    scale = float(model.optimizer.dynamic_scale.numpy())
+    assert 1.0 < scale <= 2.0**15
+    # The clipper saw the unscaled gradient: the float32 norm, not `scale` x it.
+    assert stats["grad_norm"] == pytest.approx(reference, rel=1e-2)
+    assert stats["clipped_grad_norm"] == pytest.approx(1.0, rel=1e-3)
+    # And it keeps doing so over a run, while the loss scale moves.
+    model.fit(x, y, epochs=3, batch_size=8, verbose=0)
+    assert inner.gradient_stats()["clipped_grad_norm"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_float16_gradients_do_not_overflow_the_norm():
+    variable = keras.Variable(np.zeros(1000, "float16"), dtype="float16")
+    grad = tf.constant(np.full(1000, 300.0, "float16"))
+    opt = kc.ClippedSGD(0.5, global_clipnorm=1.0)
+    tf.function(lambda: opt.apply([grad], [variable]), jit_compile=True)()
+    stats = opt.gradient_stats()
+    assert stats["grad_norm"] == pytest.approx(300 * np.sqrt(1000), rel=1e-4)
+    assert stats["nonfinite_steps"] == 0
+    moved = np.asarray(variable.numpy(), "float64")
+    assert np.all(np.isfinite(moved))
+    assert np.linalg.norm(moved) == pytest.approx(0.5, rel=1e-2)
+
+
+# Gradient accumulation: clip once per update, the averaged gradient.
+
+
+# XLA compiles the nested conds of accumulation slowly (~12 s a case): every
+# clipper runs without it, two with it.
+ACCUMULATION = [(n, False) for n in CLIPPERS] + [("global_norm", True), ("zclip", True)]
+
+
+@pytest.mark.parametrize("name, jit", ACCUMULATION)
+def test_accumulation_equals_one_big_batch(name, jit):
+    x, y = data(n=96)
+    big = dense_model()
+    big.compile(kc.ClippedAdam(0.05, clipper=CLIPPERS[name]()), "mse", jit_compile=jit)
+    big.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+
+    small = dense_model()
+    opt = kc.ClippedAdam(0.05, clipper=CLIPPERS[name](), gradient_accumulation_steps=4)
+    small.compile(opt, "mse", jit_compile=jit)
+    small.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+
+    for a, b in zip(big.get_weights(), small.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert opt.gradient_stats()["steps"] == 3  # updates, not micro-steps
+    assert big.optimizer.gradient_stats()["clipped_steps"] == opt.gradient_stats()["clipped_steps"]
+
+
+# Sparse gradients.
+
+
+def _sparse_case(clipper, sparse):
+    table = keras.Variable(np.ones((10, 3), "float32"), name="table")
+    indices = tf.constant([1, 4, 1, 7, 1])  # index 1 three times
+    values = tf.constant(np.arange(15, dtype="float32").reshape(5, 3) - 7)
+    grad = tf.IndexedSlices(values, indices, tf.constant([10, 3]))
+    if not sparse:
+        grad = tf.convert_to_tensor(grad)
+    types = []
+
+    class Spy(kc.ClippedSGD):
+        def update_step(self, gradient, variable, learning_rate):
+            types.append(type(gradient).__name__)
+            return super().update_step(gradient, variable, learning_rate)
+
+    opt = Spy(0.1, clipper=clipper)
+    tf.function(lambda: opt.apply([grad], [table]), jit_compile=False)()
+    return table.numpy(), opt.gradient_stats(), types
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_sparse_norms_and_updates_equal_dense(name):
+    dense_w, dense_stats, _ = _sparse_case(CLIPPERS[name](), sparse=False)
+    sparse_w, sparse_stats, types = _sparse_case(CLIPPERS[name](), sparse=True)
+    np.testing.assert_allclose(sparse_w, dense_w, rtol=1e-6)
+    for key in ("grad_norm", "clipped_grad_norm", "clip_threshold"):
+        assert sparse_stats[key] == pytest.approx(dense_stats[key], rel=1e-6)
+    assert set(types) == {"IndexedSlices"}  # the update stays sparse (each trace)
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_embedding_model_fits(name, jit):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 30, (64, 12))
+    y = rng.standard_normal((64, 1)).astype("float32")
+    model = keras.Sequential([
+        keras.Input((12,), dtype="int32"),
+        keras.layers.Embedding(30, 8),
+        keras.layers.GlobalAveragePooling1D(),
+        keras.layers.Dense(1),
+    ])
+    opt = kc.ClippedSGD(0.1, clipper=CLIPPERS[name]())
+    model.compile(opt, "mse", jit_compile=jit)
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert opt.gradient_stats()["steps"] == 8
+
+
+# Weight decay and EMA behave as in the base optimizer.
+
+
+def _run_two(opt, grads_list):
+    variables = [keras.Variable(np.full((3, 2), 2.0, "float32")),
+                 keras.Variable(np.full((2,), -1.0, "float32"))]
+    for grads in grads_list:
+        opt.apply([tf.constant(g) for g in grads], variables)
+    return [v.numpy() for v in variables], opt
+
+
+GRADS = [[np.full((3, 2), 3.0, "float32"), np.array([4.0, -4.0], "float32")],
+         [np.full((3, 2), -1.0, "float32"), np.array([0.5, 2.0], "float32")],
+         [np.full((3, 2), 0.2, "float32"), np.array([9.0, 1.0], "float32")]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(weight_decay=0.1),
+     dict(weight_decay=0.1, global_clipnorm=1.0),
+     dict(weight_decay=0.05, clipnorm=0.5),
+     dict(use_ema=True, ema_momentum=0.5),
+     dict(use_ema=True, ema_momentum=0.5, ema_overwrite_frequency=2, clipvalue=1.0)],
+    ids=["decay", "decay+global", "decay+norm", "ema", "ema-overwrite+value"],
+)
+def test_weight_decay_and_ema_match_keras(kwargs):
+    # Single device: Keras's own clipping is correct, so it is the reference.
+    ours, opt = _run_two(kc.ClippedAdamW(0.1, **kwargs), GRADS)
+    theirs, ref = _run_two(keras.optimizers.AdamW(0.1, **kwargs), GRADS)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    if kwargs.get("use_ema"):
+        for a, b in zip(opt._model_variables_moving_average, ref._model_variables_moving_average):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_clipping_never_touches_the_decay_term():
+    # A huge weight with weight decay: the decay moves it by lr * wd * w even
+    # though the gradient is clipped to a tiny norm.
+    w = keras.Variable(np.array([1000.0], "float32"))
+    opt = kc.ClippedSGD(0.1, weight_decay=0.5, global_clipnorm=1e-3)
+    opt.apply([tf.constant([5.0])], [w])
+    assert float(w.numpy()[0]) == pytest.approx(1000.0 * (1 - 0.05) - 0.1 * 1e-3, rel=1e-6)
+
+
+# Guard: the Keras internals keras-clip hooks into.
+
+HOOKS = [
+    # (owner, attribute, parameters keras-clip relies on)
+    ("BaseOptimizer", "_backend_apply_gradients", ["self", "grads", "trainable_variables"]),
+    ("BaseOptimizer", "_backend_update_step", ["self", "grads", "trainable_variables", "learning_rate"]),
+    ("BaseOptimizer", "_apply_weight_decay", ["self", "variables"]),
+    ("BaseOptimizer", "_use_weight_decay", ["self", "variable"]),
+    ("BaseOptimizer", "_update_model_variables_moving_average", ["self", "trainable_variables"]),
+    ("BaseOptimizer", "_overwrite_model_variables_with_average_value", ["self", "trainable_variables"]),
+    ("BaseOptimizer", "_backend_reset_gradient_accumulators", ["self"]),
+    ("BaseOptimizer", "_backend_increment_gradient_accumulators", ["self", "grads", "acc_grads"]),
+    ("BaseOptimizer", "_get_variable_index", ["self", "variable"]),
+    ("BaseOptimizer", "add_variable", ["self", "shape", "initializer", "dtype", "aggregation", "layout", "name"]),
+    ("TFOptimizer", "_distributed_tf_update_step", ["self", "distribution", "grads_and_vars", "learning_rate"]),
+]
+
+
+@pytest.mark.parametrize("owner, name, params", HOOKS, ids=[h[1] for h in HOOKS])
+def test_guard_keras_internals(owner, name, params):
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    cls = {"BaseOptimizer": BaseOptimizer, "TFOptimizer": TFOptimizer}[owner]
+    fn = getattr(cls, name, None)
+    assert fn is not None, (
+        f"keras-clip hooks into {owner}.{name}, which Keras {keras.__version__} no "
+        "longer has: see keras_clip/optimizers.py and keras_clip/backend/."
+    )
+    got = list(inspect.signature(fn).parameters)
+    assert got == params, (
+        f"keras-clip hooks into {owner}.{name}{tuple(params)}; Keras "
+        f"{keras.__version__} changed it to {tuple(got)}."
+    )
+
+
+def test_guard_state_keras_builds():
+    opt = kc.ClippedSGD(0.1, gradient_accumulation_steps=2, use_ema=True)
+    opt.build([keras.Variable(np.zeros(2, "float32"))])
+    for attr in ("_iterations", "_trainable_variables", "_accumulated_gradients",
+                 "_model_variables_moving_average"):
+        assert hasattr(opt, attr), f"keras-clip reads Optimizer.{attr}, which Keras no longer sets"
+    lso = keras.optimizers.LossScaleOptimizer(kc.ClippedSGD(0.1))
+    lso.build([keras.Variable(np.zeros(2, "float32"))])
+    assert hasattr(lso, "inner_optimizer") and hasattr(lso, "dynamic_scale")
+    for name in ("all_reduce", "merge_call", "num_replicas_in_sync"):
+        assert hasattr(tf.distribute.ReplicaContext, name), f"tf.distribute.ReplicaContext.{name} is gone"
+    assert hasattr(tf.distribute.StrategyExtended, "update")
