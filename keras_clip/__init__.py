@@ -2,6 +2,7 @@
 observable and free of cost."""
 
 from keras_clip import ops
+from keras_clip.callbacks import GradientMonitor
 from keras_clip.clippers import AdaGC
 from keras_clip.clippers import AdaptiveGradClip
 from keras_clip.clippers import AutoClip
@@ -50,6 +51,7 @@ __all__ = [
     "Clipper",
     "ClippingMixin",
     "GlobalNormClip",
+    "GradientMonitor",
     "NormClip",
     "ValueClip",
     "ZClip",

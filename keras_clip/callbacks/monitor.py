@@ -1,0 +1,539 @@
+"""`GradientMonitor`: the optimizer's gradient statistics in `logs`, with alarms.
+
+The monitor only reads: a keras-clip optimizer records its statistics inside
+the compiled step (`keras_clip/stats.py`), and the monitor reads them once per
+batch end with `opt.gradient_stats(reset_window=True)`. It never recomputes a
+gradient and never touches the data.
+"""
+
+import collections
+import logging
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_clip import _checks
+from keras_clip.optimizers import BUILTIN
+from keras_clip.optimizers import ClippingMixin
+
+# Names the monitor can add to `logs`, in the order it adds them.
+STATS = (
+    "grad_norm",
+    "grad_norm_max",
+    "clipped_grad_norm",
+    "clip_rate",
+    "nonfinite_steps",
+    "clip_threshold",
+    "loss_scale",
+)
+DEFAULT_STATS = ("grad_norm", "grad_norm_max", "clipped_grad_norm", "clip_rate")
+ACTIONS = ("warn", "stop", "raise")
+KINDS = ("nonfinite", "explode", "vanish")
+# The typical norm is the median of the means of this many recent windows.
+TYPICAL_WINDOWS = 100
+
+GradientEvent = collections.namedtuple("GradientEvent", ["step", "kind", "value"])
+GradientEvent.__doc__ = """An alarm raised by `GradientMonitor`.
+
+Fields:
+    step: The optimizer's `iterations` after the step that raised it (the
+        first step is step 1; with `steps_per_execution > 1`, the last step
+        of the execution in which it happened).
+    kind: `"nonfinite"`, `"explode"` or `"vanish"`.
+    value: The global gradient norm that raised it (for `"explode"` the
+        largest norm of the execution; for `"nonfinite"` the last step's norm,
+        NaN when that step itself was finite).
+"""
+
+
+class GradientAlarmWarning(UserWarning):
+    """Warned by `GradientMonitor` for an alarm whose action is `"warn"`."""
+
+
+class GradientAlarmError(RuntimeError):
+    """Raised by `GradientMonitor` for an alarm whose action is `"raise"`."""
+
+
+_logger = logging.getLogger("keras_clip")
+
+
+@keras.saving.register_keras_serializable(package="keras_clip")
+class GradientMonitor(keras.callbacks.Callback):
+    """Puts the optimizer's gradient statistics into `logs`, with alarms.
+
+    At the end of each batch and epoch the monitor adds the statistics that a
+    keras-clip optimizer recorded inside its step to the `logs` that Keras
+    callbacks share, so they show in the progress bar, in
+    `History.history`, in `CSVLogger` files and in `TensorBoard` scalars
+    (for callbacks listed after the monitor; `History` and the progress bar
+    always come after it). It reads only: it never recomputes gradients.
+
+    Epoch values aggregate the epoch's steps, and batch values the epoch's
+    steps so far (like Keras's `loss`):
+
+    ```
+    grad_norm         = mean of the finite steps' global norms (before clipping)
+    grad_norm_max     = max of the finite steps' global norms
+    clipped_grad_norm = mean of the applied gradient's global norm
+    clip_rate         = clipped steps / steps
+    nonfinite_steps   = steps whose gradient held a NaN or an Inf
+    clip_threshold    = the threshold on the last step
+    loss_scale        = the `LossScaleOptimizer`'s scale (if there is one)
+    ```
+
+    `grad_norm`, `grad_norm_max`, `clip_rate` and `nonfinite_steps` count
+    every step, also with `steps_per_execution > 1` (the optimizer accumulates
+    them inside the step). `clipped_grad_norm` and the per-layer norms are
+    kept for the last step only, so with `steps_per_execution > 1` they are
+    means over the last step of each execution.
+
+    Alarms, checked at the end of each batch:
+
+    ```
+    nonfinite: a step's gradient held a NaN or an Inf
+    explode:   max norm > explode_factor * typical norm
+    vanish:    norm < vanish_threshold for `patience` consecutive steps
+    ```
+
+    The typical norm is the median of the mean norms of the last 100 batches
+    (of their executions with `steps_per_execution > 1`), updated after the
+    check; a median is not dragged up by the spike it has to detect, and
+    follows a lasting change of scale within 50 batches. The explode check
+    starts after `warmup_steps` finite steps. An alarm fires once when its
+    condition starts and again only after the condition has cleared; every
+    alarm is recorded in `events`, whatever its action. Steps that a
+    `LossScaleOptimizer` skips (float16 overflow) never reach the inner
+    optimizer and raise no alarm.
+
+    Use one monitor per model: it starts a new statistics window at every
+    batch end.
+
+    Args:
+        stats: The statistics to add to `logs`, from `"grad_norm"`,
+            `"grad_norm_max"`, `"clipped_grad_norm"`, `"clip_rate"`,
+            `"nonfinite_steps"`, `"clip_threshold"` and `"loss_scale"` (left
+            out when no `LossScaleOptimizer` wraps the optimizer). Defaults to
+            `("grad_norm", "grad_norm_max", "clipped_grad_norm", "clip_rate")`.
+        per_layer: Bool: also record each layer's gradient norm (the global
+            norm of that layer's gradients, before clipping), per epoch, in
+            `History.history["grad_norm/<layer name>"]`, not in the progress
+            bar. Defaults to `False`.
+        explode_factor: Float > 1: a norm this many times the typical norm
+            is exploding. Defaults to 10.0.
+        warmup_steps: Int >= 0: finite steps seen before the explode check
+            starts. Defaults to 10.
+        vanish_threshold: Positive float: a global norm below it is
+            vanishing. Defaults to 1e-7.
+        patience: Int >= 1: consecutive vanishing steps before the vanish
+            alarm fires. Defaults to 10.
+        on_nonfinite: What a non-finite gradient does: `"warn"` (a
+            `GradientAlarmWarning` naming the step, the norm and the typical
+            norm), `"stop"` (sets `model.stop_training`, so training ends
+            after this batch, like `keras.callbacks.TerminateOnNaN`),
+            `"raise"` (a `GradientAlarmError`) or `None` (recorded in
+            `events` only). Defaults to `"warn"`.
+        on_explode: The same, for an exploding gradient. Defaults to `"warn"`.
+        on_vanish: The same, for a vanishing gradient. Defaults to `"warn"`.
+
+    Attributes:
+        events: The alarms so far, a list of `GradientEvent(step, kind,
+            value)`.
+
+    Example:
+
+    >>> monitor = GradientMonitor(per_layer=True, on_explode="stop")
+    >>> monitor.stats
+    ('grad_norm', 'grad_norm_max', 'clipped_grad_norm', 'clip_rate')
+
+    Then, with a model compiled with a keras-clip optimizer:
+
+    ```python
+    model.compile(optimizer=ClippedAdam(global_clipnorm=1.0), loss="mse")
+    history = model.fit(x, y, callbacks=[monitor])
+    history.history["grad_norm"], history.history["grad_norm/dense"]
+    monitor.events  # [GradientEvent(step=..., kind="explode", value=...)]
+    ```
+    """
+
+    def __init__(
+        self,
+        stats=DEFAULT_STATS,
+        per_layer=False,
+        explode_factor=10.0,
+        warmup_steps=10,
+        vanish_threshold=1e-7,
+        patience=10,
+        on_nonfinite="warn",
+        on_explode="warn",
+        on_vanish="warn",
+    ):
+        super().__init__()
+        self.stats = _check_stats(stats)
+        if not isinstance(per_layer, bool):
+            raise TypeError(
+                f"`per_layer` must be a bool. Received: per_layer={per_layer!r}"
+            )
+        self.per_layer = per_layer
+        self.explode_factor = _checks.number(
+            "explode_factor", explode_factor, low=1.0
+        )
+        self.warmup_steps = _checks.number(
+            "warmup_steps", warmup_steps, low=0, low_open=False, integer=True
+        )
+        self.vanish_threshold = _checks.number(
+            "vanish_threshold", vanish_threshold, low=0.0
+        )
+        self.patience = _checks.number(
+            "patience", patience, low=1, low_open=False, integer=True
+        )
+        self.on_nonfinite = _check_action("on_nonfinite", on_nonfinite)
+        self.on_explode = _check_action("on_explode", on_explode)
+        self.on_vanish = _check_action("on_vanish", on_vanish)
+        self.events = []
+        self._optimizer = None
+        self._alarm_state()
+
+    def _alarm_state(self):
+        self._means = collections.deque(maxlen=TYPICAL_WINDOWS)
+        self._seen = 0  # finite steps behind `_means`, for the warmup
+        self._low = 0  # consecutive steps below `vanish_threshold`
+        self._active = dict.fromkeys(KINDS, False)
+
+    # Callback hooks.
+
+    def on_train_begin(self, logs=None):
+        optimizer, self._loss_scaler = _unwrap(self.model.optimizer)
+        if optimizer is not self._optimizer:
+            self._optimizer = optimizer
+            self._alarm_state()
+        self._layer_of = _layer_names(self.model) if self.per_layer else {}
+        self._layers = []
+        # Counters as of now; drop a window left by steps before this fit.
+        self._last = _read(optimizer, reset_window=True)
+        self._epoch = _Epoch(self._last)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = _Epoch(self._last)
+
+    def on_train_batch_end(self, batch, logs=None):
+        stats = _read(self._optimizer, reset_window=True)
+        last, self._last = self._last, stats
+        new_steps = stats["steps"] - last["steps"]
+        sampled = new_steps > 0 and math.isfinite(stats["grad_norm"])
+        layers = self._layer_norms() if sampled and self.per_layer else None
+        self._epoch.add(stats, sampled, layers)
+        if logs is not None:
+            logs.update(self._values())
+        fired = self._check(stats, last)
+        self._act(fired)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs.update(self._values())
+        if not self.per_layer:
+            return
+        history = getattr(self.model, "history", None)
+        if isinstance(history, keras.callbacks.History):
+            layers = self._epoch.layer_means(self._layers)
+            for name, value in layers.items():
+                history.history.setdefault(f"grad_norm/{name}", []).append(value)
+
+    # Reading.
+
+    def _values(self):
+        """The requested statistics, aggregated over the epoch so far."""
+        e, now = self._epoch, self._last
+        steps = now["steps"] - e.start["steps"]
+        clipped = now["clipped_steps"] - e.start["clipped_steps"]
+        values = {
+            "grad_norm": e.norm_sum / e.finite if e.finite else math.nan,
+            "grad_norm_max": e.norm_max if e.finite else math.nan,
+            "clipped_grad_norm": (
+                e.clipped_sum / e.samples if e.samples else math.nan
+            ),
+            "clip_rate": clipped / steps if steps else 0.0,
+            "nonfinite_steps": now["nonfinite_steps"]
+            - e.start["nonfinite_steps"],
+            "clip_threshold": now["clip_threshold"],
+        }
+        if self._loss_scaler is not None:
+            values["loss_scale"] = _loss_scale(self._loss_scaler)
+        return {k: values[k] for k in self.stats if k in values}
+
+    def _layer_norms(self):
+        squares = {}
+        for path, norm in self._optimizer.gradient_norms_by_variable().items():
+            layer = self._layer_of.get(path) or path.rpartition("/")[0] or path
+            squares[layer] = squares.get(layer, 0.0) + norm * norm
+        for layer in squares:
+            if layer not in self._layers:
+                self._layers.append(layer)
+        return {k: math.sqrt(v) for k, v in squares.items()}
+
+    # Alarms.
+
+    def _typical(self):
+        return float(np.median(self._means)) if self._means else None
+
+    def _check(self, stats, last):
+        """The alarms that fire on this batch, as `(kind, message)` pairs.
+
+        Records them in `events` and updates the alarm state (the typical
+        norm after the explode check).
+        """
+        step = stats["iterations"]
+        span = step - last["iterations"]
+        where = f"step {step}" if span <= 1 else f"steps {step - span + 1}-{step}"
+        n = stats["window_steps"]
+        norm_max = stats["window_norm_max"]
+        typical = self._typical()
+        typ = "not known yet" if typical is None else f"{typical:.4g}"
+        fired = []
+
+        def fire(kind, value, message):
+            self.events.append(GradientEvent(step, kind, value))
+            fired.append((kind, f"GradientMonitor: {message}"))
+
+        nonfinite = stats["nonfinite_steps"] - last["nonfinite_steps"]
+        if nonfinite and not self._active["nonfinite"]:
+            # The last step's norm, if that step is the non-finite one.
+            value = stats["grad_norm"]
+            last = not math.isfinite(value)
+            value = value if last else math.nan
+            what = "gradient" if nonfinite == 1 else f"gradient on {nonfinite} steps"
+            norm = f" (global norm {value})" if last else ""
+            policy = _POLICY.get(self._optimizer.nonfinite, "")
+            fire(
+                "nonfinite",
+                value,
+                f"non-finite {what} (NaN or Inf) at {where}{norm}; typical "
+                f"norm {typ}. {policy}",
+            )
+        if nonfinite or stats["steps"] > last["steps"]:
+            self._active["nonfinite"] = bool(nonfinite)
+        if not n:
+            return fired
+
+        spike = (
+            typical is not None
+            and typical > 0
+            and self._seen >= self.warmup_steps
+            and norm_max > self.explode_factor * typical
+        )
+        if spike and not self._active["explode"]:
+            fire(
+                "explode",
+                norm_max,
+                f"exploding gradient at {where}: global norm {norm_max:.4g} is "
+                f"{norm_max / typical:.3g}x the typical norm {typ} "
+                f"(explode_factor={self.explode_factor:g}).",
+            )
+        self._active["explode"] = spike
+
+        if norm_max < self.vanish_threshold:
+            self._low += n
+        else:  # some step of the window was above; was the last one?
+            self._low = int(stats["grad_norm"] < self.vanish_threshold)
+        vanishing = self._low >= self.patience
+        if vanishing and not self._active["vanish"]:
+            value = stats["grad_norm"]
+            fire(
+                "vanish",
+                value,
+                f"vanishing gradient at {where}: global norm {value:.4g} has "
+                f"been below vanish_threshold={self.vanish_threshold:g} for "
+                f"{self._low} consecutive steps (patience={self.patience}); "
+                f"typical norm {typ}.",
+            )
+        self._active["vanish"] = vanishing
+
+        self._means.append(stats["window_norm_sum"] / n)
+        self._seen += n
+        return fired
+
+    def _act(self, fired):
+        error = None
+        for kind, message in fired:
+            action = getattr(self, f"on_{kind}")
+            if action == "warn":
+                warnings.warn(GradientAlarmWarning(message), stacklevel=2)
+            elif action == "stop":
+                self.model.stop_training = True
+                _print(f"{message} Stopping training.")
+            elif action == "raise" and error is None:
+                error = GradientAlarmError(message)
+        if error is not None:
+            raise error
+
+    # Serialization.
+
+    def get_config(self):
+        return {
+            "stats": list(self.stats),
+            "per_layer": self.per_layer,
+            "explode_factor": self.explode_factor,
+            "warmup_steps": self.warmup_steps,
+            "vanish_threshold": self.vanish_threshold,
+            "patience": self.patience,
+            "on_nonfinite": self.on_nonfinite,
+            "on_explode": self.on_explode,
+            "on_vanish": self.on_vanish,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class _Epoch:
+    """Sums over the epoch's batches (Python numbers, host side)."""
+
+    def __init__(self, start):
+        self.start = start  # cumulative counters at the start of the epoch
+        self.finite = 0
+        self.norm_sum = 0.0
+        self.norm_max = 0.0
+        self.samples = 0  # last-step samples, for what has no window
+        self.clipped_sum = 0.0
+        self.layer_sums = {}
+        self.layer_samples = 0
+
+    def add(self, stats, sampled, layers):
+        self.finite += stats["window_steps"]
+        self.norm_sum += stats["window_norm_sum"]
+        if stats["window_steps"]:
+            self.norm_max = max(self.norm_max, stats["window_norm_max"])
+        if sampled:
+            self.samples += 1
+            self.clipped_sum += stats["clipped_grad_norm"]
+        if layers is not None:
+            self.layer_samples += 1
+            for name, value in layers.items():
+                self.layer_sums[name] = self.layer_sums.get(name, 0.0) + value
+
+    def layer_means(self, names):
+        n = self.layer_samples
+        return {
+            name: self.layer_sums.get(name, 0.0) / n if n else math.nan
+            for name in names
+        }
+
+
+_POLICY = {
+    "skip": "The update was skipped (nonfinite='skip'): no weight changed.",
+    "zero": "A zero gradient was applied instead (nonfinite='zero').",
+    "propagate": (
+        "It was applied (nonfinite='propagate'): the weights may now hold NaN."
+    ),
+}
+
+_ZERO = {
+    "steps": 0,
+    "clipped_steps": 0,
+    "nonfinite_steps": 0,
+    "clip_threshold": math.inf,
+    "grad_norm": math.nan,
+    "window_steps": 0,
+    "window_norm_sum": 0.0,
+    "window_norm_max": 0.0,
+    "iterations": 0,
+}
+
+
+def _read(optimizer, reset_window):
+    """The optimizer's statistics and `iterations` (zeros before its build)."""
+    if not optimizer.built:
+        return dict(_ZERO)
+    out = optimizer.gradient_stats(reset_window=reset_window)
+    out["iterations"] = int(ops.convert_to_numpy(optimizer.iterations))
+    return out
+
+
+def _loss_scale(optimizer):
+    if not optimizer.built:
+        return float(optimizer.initial_scale)
+    return float(ops.convert_to_numpy(optimizer.dynamic_scale))
+
+
+def _unwrap(optimizer):
+    """The keras-clip optimizer and the outer `LossScaleOptimizer` (or None)."""
+    received = f"Received: optimizer={optimizer!r}"
+    loss_scaler = None
+    inner = optimizer
+    while isinstance(inner, keras.optimizers.LossScaleOptimizer):
+        loss_scaler = loss_scaler or inner
+        inner = inner.inner_optimizer
+    if isinstance(inner, ClippingMixin):
+        return inner, loss_scaler
+    if isinstance(inner, keras.optimizers.MultiOptimizer):
+        raise TypeError(
+            "GradientMonitor does not support `MultiOptimizer`: it updates "
+            "the variables outside the step in which keras-clip optimizers "
+            f"record their gradient statistics. {received}"
+        )
+    name = type(inner).__name__
+    suggestion = (
+        f"`keras_clip.Clipped{name}(...)`"
+        if f"Clipped{name}" in BUILTIN
+        else f"`keras_clip.clipped({name})(...)`"
+    )
+    raise TypeError(
+        "GradientMonitor reads the gradient statistics that keras-clip "
+        f"optimizers record inside the step, and the model's optimizer `{name}` "
+        f"is not one. Compile the model with {suggestion} (for any optimizer "
+        "class: `keras_clip.clipped(cls)`; it also takes Keras's `clipnorm`, "
+        f"`clipvalue` and `global_clipnorm`). {received}"
+    )
+
+
+def _layer_names(model):
+    """Variable path -> name of the model's top-level layer that owns it."""
+    out = {}
+    for layer in getattr(model, "layers", ()):
+        for variable in layer.trainable_weights:
+            out.setdefault(variable.path, layer.name)
+    return out
+
+
+def _check_stats(stats):
+    received = f"Received: stats={stats!r}"
+    if not isinstance(stats, (list, tuple)) or not all(
+        isinstance(s, str) for s in stats
+    ):
+        raise TypeError(f"`stats` must be a list of strings. {received}")
+    unknown = [s for s in stats if s not in STATS]
+    if unknown:
+        allowed = ", ".join(f'"{s}"' for s in STATS)
+        raise ValueError(
+            f"Unknown name {unknown[0]!r} in `stats`; the names are {allowed}. "
+            f"{received}"
+        )
+    if len(set(stats)) != len(stats):
+        raise ValueError(f"`stats` names a statistic twice. {received}")
+    return tuple(stats)
+
+
+def _check_action(name, value):
+    if value is None:
+        return None
+    options = ", ".join(f'"{a}"' for a in ACTIONS)
+    if not isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be one of {options} or None. Received: {name}={value!r}"
+        )
+    if value not in ACTIONS:
+        raise ValueError(
+            f"`{name}` must be one of {options} or None. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _print(message):
+    """Prints like Keras's progress bar (to stdout, or to the log)."""
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        _logger.warning(message)

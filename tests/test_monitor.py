@@ -1,0 +1,487 @@
+"""GradientMonitor: statistics in logs, epoch aggregates, alarms, per-layer norms."""
+
+import csv
+import math
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_clip as kc
+from keras_clip.callbacks import GradientAlarmError
+from keras_clip.callbacks import GradientAlarmWarning
+from keras_clip.callbacks import GradientMonitor
+from keras_clip.optimizers import BUILTIN
+
+DEFAULT = ("grad_norm", "grad_norm_max", "clipped_grad_norm", "clip_rate")
+
+
+def small_model(bias=True):
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, activation="tanh", name="hidden", use_bias=bias)(inputs)
+    outputs = keras.layers.Dense(1, name="head", use_bias=bias)(x)
+    return keras.Model(inputs, outputs)
+
+
+def data(n=160, scale=3.0, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6)).astype("float32")
+    y = (x.sum(1, keepdims=True) * scale).astype("float32")
+    return x, y
+
+
+def compiled(opt=None, spe=1, model=None, **kwargs):
+    model = model or small_model()
+    opt = opt or kc.ClippedAdam(learning_rate=0.01, global_clipnorm=14.0)
+    model.compile(optimizer=opt, loss="mse", steps_per_execution=spe, **kwargs)
+    return model
+
+
+def fit(model, x, y, callbacks, epochs=1, batch_size=16, verbose=0):
+    return model.fit(
+        x, y, batch_size=batch_size, epochs=epochs, shuffle=False,
+        verbose=verbose, callbacks=callbacks,
+    )
+
+
+def finite_weights(model):
+    return all(np.all(np.isfinite(w)) for w in model.get_weights())
+
+
+class Recorder(keras.callbacks.Callback):
+    """After the monitor: each step's statistics (read without a reset) and logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.batch_logs = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        opt = self.model.optimizer
+        opt = getattr(opt, "inner_optimizer", opt)  # a LossScaleOptimizer's
+        stats = opt.gradient_stats()
+        stats["layers"] = opt.gradient_norms_by_variable()
+        self.steps.append(stats)
+        self.batch_logs.append(dict(logs))
+
+
+# 1. Where the statistics show up.
+
+
+def test_progress_bar_history_and_csv_logger(capsys, tmp_path):
+    path = str(tmp_path / "log.csv")
+    model = compiled()
+    x, y = data()
+    history = fit(
+        model, x, y, [GradientMonitor(), keras.callbacks.CSVLogger(path)],
+        epochs=2, verbose=1,
+    )
+    out = capsys.readouterr().out
+    assert "grad_norm: " in out and "clip_rate: " in out
+    assert "clipped_grad_norm: " in out and "grad_norm_max: " in out
+    for key in DEFAULT:
+        assert len(history.history[key]) == 2
+        assert all(np.isfinite(history.history[key]))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for key in DEFAULT:
+        np.testing.assert_allclose(
+            [float(r[key]) for r in rows], history.history[key], rtol=1e-12
+        )
+
+
+def test_epoch_values_aggregate_every_step_not_the_last():
+    model = compiled()
+    x, y = data()
+    fit(model, x, y, [], epochs=1)  # a window left by steps before the monitor
+    clipped_before = model.optimizer.gradient_stats()["clipped_steps"]
+    recorder = Recorder()
+    monitor = GradientMonitor(stats=list(DEFAULT) + ["nonfinite_steps", "clip_threshold"])
+    history = fit(model, x, y, [monitor, recorder], epochs=2)
+    h = history.history
+    for epoch in range(2):
+        steps = recorder.steps[10 * epoch : 10 * epoch + 10]
+        norms = [s["grad_norm"] for s in steps]
+        start = recorder.steps[9]["clipped_steps"] if epoch else clipped_before
+        rate = (steps[-1]["clipped_steps"] - start) / 10
+        assert 0.0 < rate < 1.0  # the data makes the clip rate informative
+        np.testing.assert_allclose(h["grad_norm"][epoch], np.mean(norms), rtol=1e-6)
+        assert h["grad_norm"][epoch] != pytest.approx(norms[-1])
+        np.testing.assert_allclose(h["grad_norm_max"][epoch], max(norms), rtol=1e-6)
+        assert h["clip_rate"][epoch] == pytest.approx(np.mean(np.array(norms) > 14.0))
+        assert h["clip_rate"][epoch] == pytest.approx(rate)
+        np.testing.assert_allclose(
+            h["clipped_grad_norm"][epoch], np.mean([s["clipped_grad_norm"] for s in steps]),
+            rtol=1e-6,
+        )
+        assert h["nonfinite_steps"][epoch] == 0 and h["clip_threshold"][epoch] == 14.0
+    # Batch logs hold the epoch so far, like Keras's loss; the last one is the epoch's.
+    first, last = recorder.batch_logs[10], recorder.batch_logs[19]
+    assert first["grad_norm"] == pytest.approx(recorder.steps[10]["grad_norm"])
+    for key in DEFAULT:
+        assert last[key] == h[key][1]
+    assert "loss_scale" not in h  # no LossScaleOptimizer here
+
+
+def test_tensorboard_after_the_monitor_writes_the_scalars(tmp_path):
+    model = compiled()
+    x, y = data(64)
+    board = keras.callbacks.TensorBoard(str(tmp_path))
+    fit(model, x, y, [GradientMonitor(), board], epochs=1)
+    tags = set()
+    for path in tf.io.gfile.glob(str(tmp_path / "train" / "*tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    assert {"epoch_grad_norm", "epoch_clip_rate", "epoch_clipped_grad_norm"} <= tags
+
+
+# 2. Alarms.
+
+
+def nan_batch_data(batch=2, batch_size=16):
+    x, y = data()
+    x[batch * batch_size + 3, 1] = np.nan
+    return x, y
+
+
+def test_nan_batch_warns_once_with_the_step():
+    model = compiled()
+    x, y = nan_batch_data(batch=2)
+    monitor = GradientMonitor(stats=["grad_norm", "nonfinite_steps"])
+    with pytest.warns(GradientAlarmWarning) as record:
+        history = fit(model, x, y, [monitor], epochs=1)
+    alarms = [w for w in record if issubclass(w.category, GradientAlarmWarning)]
+    assert len(alarms) == 1
+    message = str(alarms[0].message)
+    assert "non-finite gradient (NaN or Inf) at step 3 (global norm nan)" in message
+    assert "typical norm" in message and "update was skipped" in message
+    [event] = monitor.events
+    assert (event.step, event.kind) == (3, "nonfinite") and math.isnan(event.value)
+    assert history.history["nonfinite_steps"] == [1]
+    assert np.isfinite(history.history["grad_norm"][0])  # the mean of finite steps
+    assert finite_weights(model)  # the optimizer skipped the step
+
+
+def test_nan_batch_stop_ends_training_after_that_batch(capsys):
+    model = compiled()
+    x, y = nan_batch_data(batch=2)
+    monitor = GradientMonitor(on_nonfinite="stop")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradientAlarmWarning)
+        history = fit(model, x, y, [monitor], epochs=3, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 3  # batches 0, 1, 2
+    assert len(history.history["loss"]) == 1
+    assert model.stop_training
+    assert finite_weights(model)
+    assert "at step 3" in capsys.readouterr().out
+    assert [(e.step, e.kind) for e in monitor.events] == [(3, "nonfinite")]
+
+
+def test_nan_batch_raise():
+    model = compiled()
+    x, y = nan_batch_data(batch=1)
+    monitor = GradientMonitor(on_nonfinite="raise")
+    with pytest.raises(GradientAlarmError, match="at step 2"):
+        fit(model, x, y, [monitor], epochs=1)
+    assert [(e.step, e.kind) for e in monitor.events] == [(2, "nonfinite")]
+
+
+def alarm_run(spike=False, vanish=False, **kwargs):
+    """24 steps of 8 samples: steady, or a 1000x spike at step 16, or zero
+    gradients from step 13 on."""
+    x, y = data(192)
+    if spike:
+        y[15 * 8 : 16 * 8] *= 1000.0
+    if vanish:  # no bias: zero inputs give exactly zero gradients
+        x[12 * 8 :] = 0.0
+        y[12 * 8 :] = 0.0
+    model = compiled(
+        kc.ClippedSGD(learning_rate=0.01, global_clipnorm=1.0),
+        model=small_model(bias=not vanish),
+    )
+    monitor = GradientMonitor(**kwargs)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(model, x, y, [monitor], epochs=1, batch_size=8)
+    alarms = [str(w.message) for w in record if issubclass(w.category, GradientAlarmWarning)]
+    return monitor, alarms, model
+
+
+def test_steady_run_triggers_no_alarm():
+    monitor, alarms, _ = alarm_run()
+    assert monitor.events == [] and alarms == []
+
+
+def test_spike_triggers_exactly_the_explode_alarm():
+    monitor, alarms, model = alarm_run(spike=True, patience=3)
+    [event] = monitor.events
+    assert (event.step, event.kind) == (16, "explode")
+    assert event.value > 100.0
+    [message] = alarms
+    assert f"exploding gradient at step 16: global norm {event.value:.4g} is" in message
+    assert "the typical norm" in message and "(explode_factor=10)" in message
+    assert finite_weights(model)
+
+
+def test_vanishing_triggers_exactly_the_vanish_alarm():
+    monitor, alarms, _ = alarm_run(vanish=True, patience=5)
+    assert [(e.step, e.kind, e.value) for e in monitor.events] == [(17, "vanish", 0.0)]
+    [message] = alarms
+    assert "vanishing gradient at step 17: global norm 0 has been below" in message
+    assert "vanish_threshold=1e-07 for 5 consecutive steps (patience=5)" in message
+
+
+def test_an_alarm_with_action_none_is_recorded_silently():
+    monitor, alarms, _ = alarm_run(spike=True, on_explode=None)
+    assert [(e.step, e.kind) for e in monitor.events] == [(16, "explode")]
+    assert alarms == []
+
+
+def test_explode_raise():
+    with pytest.raises(GradientAlarmError, match="exploding gradient at step 16"):
+        alarm_run(spike=True, on_explode="raise")
+
+
+# steps_per_execution.
+
+
+def test_steps_per_execution_counts_every_step():
+    # 10 batches per epoch: executions of 4, 4 and 2 steps; a NaN batch inside
+    # the first execution of each epoch, not at its end.
+    runs = {}
+    for spe in (1, 4):
+        keras.utils.set_random_seed(0)
+        model = compiled(spe=spe)
+        x, y = nan_batch_data(batch=1)
+        monitor = GradientMonitor(
+            stats=list(DEFAULT) + ["nonfinite_steps"], on_nonfinite=None
+        )
+        history = fit(model, x, y, [monitor], epochs=2)
+        runs[spe] = history.history, monitor.events, model.optimizer.gradient_stats()
+    (h1, e1, s1), (h4, e4, s4) = runs[1], runs[4]
+    assert s1["steps"] == s4["steps"] == 20
+    assert h1["nonfinite_steps"] == h4["nonfinite_steps"] == [1, 1]
+    assert h1["clip_rate"] == h4["clip_rate"]
+    assert 0.0 < h1["clip_rate"][0] < 0.9
+    for key in ("grad_norm", "grad_norm_max"):
+        np.testing.assert_allclose(h4[key], h1[key], rtol=1e-6)
+    assert [(e.step, e.kind) for e in e1] == [(2, "nonfinite"), (12, "nonfinite")]
+    assert [(e.step, e.kind) for e in e4] == [(4, "nonfinite"), (14, "nonfinite")]
+
+
+# 3. Per-layer norms.
+
+
+def rnn_model():
+    inputs = keras.Input((5, 3))
+    x = keras.layers.SimpleRNN(4, name="rnn")(inputs)
+    outputs = keras.layers.Dense(1, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_per_layer_norms_in_history_not_in_the_progress_bar(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 5, 3)).astype("float32")
+    y = x.sum((1, 2))[:, None].astype("float32")
+    model = compiled(kc.ClippedAdam(0.01, clipper="zclip"), model=rnn_model())
+    recorder = Recorder()
+    path = str(tmp_path / "log.csv")
+    history = fit(
+        model, x, y,
+        [GradientMonitor(per_layer=True), recorder, keras.callbacks.CSVLogger(path)],
+        epochs=2, batch_size=32, verbose=1,
+    )
+    h = history.history
+    assert len(h["grad_norm/rnn"]) == len(h["grad_norm/head"]) == 2
+    # One step per epoch: the layers' norms make up the global norm.
+    for epoch in range(2):
+        total = math.hypot(h["grad_norm/rnn"][epoch], h["grad_norm/head"][epoch])
+        np.testing.assert_allclose(total, h["grad_norm"][epoch], rtol=1e-5)
+        layers = recorder.steps[epoch]["layers"]
+        rnn = math.sqrt(sum(v * v for k, v in layers.items() if k.startswith("rnn/")))
+        np.testing.assert_allclose(h["grad_norm/rnn"][epoch], rnn, rtol=1e-6)
+    assert "grad_norm/" not in capsys.readouterr().out
+    assert all("grad_norm/" not in k for logs in recorder.batch_logs for k in logs)
+    with open(path) as f:
+        assert "grad_norm/" not in f.readline()
+
+
+# 4. Reads only.
+
+
+class CountingData(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y, self.fetched = x, y, 0
+
+    def __len__(self):
+        return len(self.x) // 16
+
+    def __getitem__(self, i):
+        self.fetched += 1
+        return self.x[16 * i : 16 * i + 16], self.y[16 * i : 16 * i + 16]
+
+
+def test_the_monitor_changes_nothing_and_reads_the_data_once():
+    x, y = data(64)
+    results = []
+    for callbacks in ([], [GradientMonitor(per_layer=True)]):
+        keras.utils.set_random_seed(0)
+        model = compiled()
+        dataset = CountingData(x, y)
+        model.fit(dataset, epochs=2, verbose=0, callbacks=callbacks, shuffle=False)
+        results.append((model.get_weights(), dataset.fetched))
+    (w0, n0), (w1, n1) = results
+    assert n0 == n1
+    for a, b in zip(w0, w1):
+        np.testing.assert_array_equal(a, b)
+
+
+# Optimizers: every Clipped* class, the loss-scale wrapper, plain Keras.
+
+CLIPPERS = [None, "value", "norm", "global_norm", "agc", "autoclip", "zclip", "adagc"]
+
+
+@pytest.mark.parametrize(
+    "name, clipper",
+    [(n, CLIPPERS[i % len(CLIPPERS)]) for i, n in enumerate(sorted(BUILTIN))],
+)
+def test_every_clipped_optimizer(name, clipper):
+    model = compiled(BUILTIN[name](learning_rate=1e-3, clipper=clipper))
+    x, y = data(48)
+    recorder = Recorder()
+    history = fit(model, x, y, [GradientMonitor(), recorder], epochs=1)
+    h = history.history
+    norms = [s["grad_norm"] for s in recorder.steps]
+    np.testing.assert_allclose(h["grad_norm"], [np.mean(norms)], rtol=1e-6)
+    assert h["clip_rate"] == [recorder.steps[-1]["clipped_steps"] / 3]
+    assert np.isfinite(h["clipped_grad_norm"][0])
+
+
+def test_loss_scale_optimizer_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = compiled(kc.ClippedAdam(0.01, global_clipnorm=14.0))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    x, y = data()
+    monitor = GradientMonitor(stats=["grad_norm", "clip_rate", "loss_scale"])
+    history = fit(model, x, y, [monitor], epochs=2)
+    scale = history.history["loss_scale"]
+    assert scale[-1] == float(model.optimizer.dynamic_scale.numpy())
+    assert all(s <= 2.0**15 and math.log2(s).is_integer() for s in scale)
+    assert all(np.isfinite(history.history["grad_norm"]))
+    # Overflowing float16 steps are the loss scaler's business: no alarm.
+    assert monitor.events == []
+
+
+def test_explicit_loss_scale_optimizer_is_unwrapped():
+    inner = kc.ClippedSGD(0.01, global_clipnorm=1.0)
+    opt = keras.optimizers.LossScaleOptimizer(inner, initial_scale=64.0)
+    model = compiled(opt)
+    x, y = data(64)
+    recorder = Recorder()
+    history = fit(model, x, y, [GradientMonitor(stats=["grad_norm", "loss_scale"]), recorder])
+    assert history.history["loss_scale"] == [64.0]
+    norms = [s["grad_norm"] for s in recorder.steps]
+    np.testing.assert_allclose(history.history["grad_norm"], [np.mean(norms)], rtol=1e-6)
+
+
+class MySGD(keras.optimizers.SGD):
+    pass
+
+
+@pytest.mark.parametrize(
+    "opt, advice",
+    [
+        (lambda: keras.optimizers.Adam(0.01),
+         "Compile the model with `keras_clip.ClippedAdam(...)`"),
+        (lambda: MySGD(0.01), "Compile the model with `keras_clip.clipped(MySGD)(...)`"),
+        (lambda: keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()),
+         "Compile the model with `keras_clip.ClippedSGD(...)`"),
+    ],
+    ids=["Adam", "custom", "LossScaleOptimizer"],
+)
+def test_plain_keras_optimizer_is_a_clear_error(opt, advice):
+    model = compiled(opt())
+    x, y = data(32)
+    with pytest.raises(TypeError) as info:
+        fit(model, x, y, [GradientMonitor()])
+    message = str(info.value)
+    assert "GradientMonitor reads the gradient statistics that keras-clip" in message
+    assert advice in message
+    assert "Received: optimizer=<" in message
+
+
+def test_multi_optimizer_is_a_clear_error():
+    model = small_model()
+    opt = keras.optimizers.MultiOptimizer(lambda variable: kc.ClippedSGD())
+    model.compile(optimizer=opt, loss="mse")
+    monitor = GradientMonitor()
+    monitor.set_model(model)
+    with pytest.raises(TypeError, match="does not support `MultiOptimizer`.*Received: optimizer="):
+        monitor.on_train_begin()
+
+
+# Arguments.
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, msg",
+    [
+        (dict(stats="grad_norm"), TypeError,
+         "`stats` must be a list of strings. Received: stats='grad_norm'"),
+        (dict(stats=["grad_norm", 1]), TypeError, "Received: stats=['grad_norm', 1]"),
+        (dict(stats=["grad_norm", "loss"]), ValueError,
+         "Unknown name 'loss' in `stats`; the names are \"grad_norm\", \"grad_norm_max\", "
+         "\"clipped_grad_norm\", \"clip_rate\", \"nonfinite_steps\", \"clip_threshold\", "
+         "\"loss_scale\". Received: stats=['grad_norm', 'loss']"),
+        (dict(stats=("clip_rate", "clip_rate")), ValueError,
+         "`stats` names a statistic twice. Received: stats=('clip_rate', 'clip_rate')"),
+        (dict(per_layer=1), TypeError, "`per_layer` must be a bool. Received: per_layer=1"),
+        (dict(explode_factor=1.0), ValueError,
+         "`explode_factor` must be in (1.0, inf]. Received: explode_factor=1.0"),
+        (dict(explode_factor="10"), TypeError,
+         "`explode_factor` must be a number. Received: explode_factor='10'"),
+        (dict(explode_factor=float("inf")), ValueError,
+         "`explode_factor` must be finite. Received: explode_factor=inf"),
+        (dict(warmup_steps=-1), ValueError,
+         "`warmup_steps` must be in [0, inf]. Received: warmup_steps=-1"),
+        (dict(warmup_steps=2.0), TypeError,
+         "`warmup_steps` must be an integer. Received: warmup_steps=2.0"),
+        (dict(vanish_threshold=0), ValueError,
+         "`vanish_threshold` must be in (0.0, inf]. Received: vanish_threshold=0"),
+        (dict(vanish_threshold=None), TypeError, "Received: vanish_threshold=None"),
+        (dict(patience=0), ValueError, "`patience` must be in [1, inf]. Received: patience=0"),
+        (dict(patience=True), TypeError, "Received: patience=True"),
+        (dict(on_nonfinite="ignore"), ValueError,
+         '`on_nonfinite` must be one of "warn", "stop", "raise" or None. '
+         "Received: on_nonfinite='ignore'"),
+        (dict(on_explode=False), TypeError, "Received: on_explode=False"),
+        (dict(on_vanish="Warn"), ValueError, "Received: on_vanish='Warn'"),
+    ],
+)
+def test_bad_arguments(kwargs, err, msg):
+    with pytest.raises(err) as info:
+        GradientMonitor(**kwargs)
+    assert str(info.value).endswith(msg)
+
+
+def test_config_round_trip():
+    monitor = GradientMonitor(
+        stats=["grad_norm", "loss_scale"], per_layer=True, explode_factor=5,
+        warmup_steps=3, vanish_threshold=1e-5, patience=4, on_nonfinite="stop",
+        on_explode="raise", on_vanish=None,
+    )
+    config = monitor.get_config()
+    assert GradientMonitor.from_config(config).get_config() == config
+    serialized = keras.saving.serialize_keras_object(monitor)
+    assert serialized["registered_name"] == "keras_clip>GradientMonitor"
+    assert keras.saving.deserialize_keras_object(serialized).get_config() == config
+    assert GradientMonitor.from_config(GradientMonitor().get_config()).stats == DEFAULT
+
+
+def test_exported():
+    assert kc.GradientMonitor is GradientMonitor
+    assert "GradientMonitor" in kc.__all__
+    assert issubclass(GradientAlarmWarning, UserWarning)
