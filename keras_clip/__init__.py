@@ -2,6 +2,7 @@
 observable and free of cost."""
 
 from keras_clip import ops
+from keras_clip.callbacks import GradientHistogramLogger
 from keras_clip.callbacks import GradientMonitor
 from keras_clip.clippers import AdaGC
 from keras_clip.clippers import AdaptiveGradClip
@@ -51,6 +52,7 @@ __all__ = [
     "Clipper",
     "ClippingMixin",
     "GlobalNormClip",
+    "GradientHistogramLogger",
     "GradientMonitor",
     "NormClip",
     "ValueClip",

@@ -1,5 +1,6 @@
 """Callbacks that read the gradient statistics keras-clip optimizers record."""
 
+from keras_clip.callbacks.histogram import GradientHistogramLogger
 from keras_clip.callbacks.monitor import GradientAlarmError
 from keras_clip.callbacks.monitor import GradientAlarmWarning
 from keras_clip.callbacks.monitor import GradientEvent
