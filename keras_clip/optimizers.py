@@ -247,8 +247,10 @@ class ClippingMixin:
 
         skip = self.nonfinite == "skip"
         if replica is None:
-
-            def step():
+            # A skipped step runs like any other, with every assignment masked
+            # (see `assign`): no `cond`, so XLA fuses the mask into the update.
+            self.__dict__["_update_mask"] = finite if skip else None
+            try:
                 clipped, new_state, info, threshold = clip()
                 for name, var in self._clip_state.items():
                     var.assign(new_state[name])
@@ -257,18 +259,14 @@ class ClippingMixin:
                     rewrap(clipped), variables, self.learning_rate
                 )
                 self._moving_average_step()
-                return summary(info, threshold)
-
-            if skip:
-                protect = list(variables) + self.variables
-                result = backend.run_if(finite, step, skipped, protect)
-            else:
-                result = step()
+            finally:
+                self.__dict__["_update_mask"] = None
+            result = summary(info, threshold)
         else:
             clipped, new_state, info, threshold = clip()
             result = summary(info, threshold)
-            if skip:
-                result = [ops.where(finite, a, b) for a, b in zip(result, skipped())]
+        if skip:
+            result = [ops.where(finite, a, b) for a, b in zip(result, skipped())]
         clipped_norm, clipped_flag, threshold = result
         updates = stats.updates(
             self._stats,
@@ -341,21 +339,54 @@ class ClippingMixin:
         return ops.stack(columns)
 
     def _moving_average_step(self):
-        """Keras's EMA update, moved inside the step so a skip skips it too."""
+        """Keras's EMA update, through `assign` so that a skip skips it too."""
         if not self.use_ema:
             return
-        self._update_model_variables_moving_average(self._trainable_variables)
+        pairs = [
+            (var, average)
+            for var, average in zip(
+                self._trainable_variables, self._model_variables_moving_average
+            )
+            if average is not None
+        ]
+        not_first = ops.not_equal(self.iterations, 0)
+        for var, average in pairs:
+            momentum = ops.cast(not_first, var.dtype) * self.ema_momentum
+            self.assign(average, momentum * average + (1 - momentum) * var)
         if self.ema_overwrite_frequency:
             overwrite = (self.iterations + 1) % self.ema_overwrite_frequency == 0
-            backend.run_if(
-                overwrite,
-                lambda: self._overwrite_model_variables_with_average_value(
-                    self._trainable_variables
-                )
-                or [],
-                lambda: [],
-                self._trainable_variables,
-            )
+            for var, average in pairs:
+                self.assign(var, ops.where(overwrite, average, var))
+
+    # Skipping a non-finite step: while `_update_mask` is set (a traced bool),
+    # every assignment keeps the old value where it is false, and the learning
+    # rate is zero there, which leaves weight decay (`w - w * wd * lr`) a no-op
+    # whatever the optimizer's decay code. Keras's update steps all assign
+    # through these three methods.
+
+    _update_mask = None
+
+    def assign(self, variable, value):
+        if self._update_mask is not None:
+            value = backend.keep_unless(self._update_mask, value, variable)
+        super().assign(variable, value)
+
+    def assign_add(self, variable, value):
+        if self._update_mask is not None:
+            value = backend.zero_unless(self._update_mask, value)
+        super().assign_add(variable, value)
+
+    def assign_sub(self, variable, value):
+        if self._update_mask is not None:
+            value = backend.zero_unless(self._update_mask, value)
+        super().assign_sub(variable, value)
+
+    def _get_current_learning_rate(self):
+        learning_rate = super()._get_current_learning_rate()
+        if self._update_mask is None:
+            return learning_rate
+        learning_rate = ops.convert_to_tensor(learning_rate)
+        return ops.where(self._update_mask, learning_rate, ops.zeros_like(learning_rate))
 
     def get_config(self):
         config = super().get_config()

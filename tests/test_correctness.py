@@ -227,8 +227,10 @@ HOOKS = [
     ("BaseOptimizer", "_backend_update_step", ["self", "grads", "trainable_variables", "learning_rate"]),
     ("BaseOptimizer", "_apply_weight_decay", ["self", "variables"]),
     ("BaseOptimizer", "_use_weight_decay", ["self", "variable"]),
-    ("BaseOptimizer", "_update_model_variables_moving_average", ["self", "trainable_variables"]),
-    ("BaseOptimizer", "_overwrite_model_variables_with_average_value", ["self", "trainable_variables"]),
+    ("BaseOptimizer", "_get_current_learning_rate", ["self"]),
+    ("BaseOptimizer", "assign", ["self", "variable", "value"]),
+    ("BaseOptimizer", "assign_add", ["self", "variable", "value"]),
+    ("BaseOptimizer", "assign_sub", ["self", "variable", "value"]),
     ("BaseOptimizer", "_backend_reset_gradient_accumulators", ["self"]),
     ("BaseOptimizer", "_backend_increment_gradient_accumulators", ["self", "grads", "acc_grads"]),
     ("BaseOptimizer", "_get_variable_index", ["self", "variable"]),
@@ -267,3 +269,21 @@ def test_guard_state_keras_builds():
     for name in ("all_reduce", "merge_call", "num_replicas_in_sync"):
         assert hasattr(tf.distribute.ReplicaContext, name), f"tf.distribute.ReplicaContext.{name} is gone"
     assert hasattr(tf.distribute.StrategyExtended, "update")
+
+
+def test_guard_update_steps_assign_through_the_optimizer():
+    """Skipping masks `Optimizer.assign*`; an update step that assigned a
+    variable directly would escape the mask."""
+    import re
+
+    from keras_clip.optimizers import builtin_optimizer_classes
+
+    direct = re.compile(r"(?<!self)\.(assign|assign_add|assign_sub|scatter_\w+)\(")
+    for name, cls in builtin_optimizer_classes().items():
+        for method in ("update_step", "_muon_update_step", "_adamw_update_step"):
+            fn = getattr(cls, method, None)
+            if fn is None:
+                continue
+            hits = [line.strip() for line in inspect.getsource(fn).splitlines()
+                    if direct.search(line)]
+            assert not hits, f"{name}.{method} assigns directly: {hits}"

@@ -338,3 +338,20 @@ def test_gradient_probe_sees_raw_gradients_in_the_step():
     assert float(seen.numpy()) == 7.0
     opt.remove_gradient_probe(probe)
     assert opt._gradient_probes == ()
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_skip_also_skips_weight_decay_and_ema(jit):
+    variables = [keras.Variable(np.ones((4, 3), "float32"), name="w")]
+    opt = kc.ClippedAdamW(0.1, weight_decay=0.5, use_ema=True,
+                          ema_overwrite_frequency=2, global_clipnorm=1.0)
+    step = tf.function(lambda g: opt.apply(g, variables), jit_compile=jit)
+    step([tf.ones((4, 3))])
+    before = variables[0].numpy().copy(), _opt_values(opt)
+    step([tf.fill((4, 3), np.nan)])  # the step where EMA would overwrite
+    np.testing.assert_array_equal(variables[0].numpy(), before[0])
+    for v, old, new in zip(opt.variables, before[1], _opt_values(opt)):
+        if "iteration" not in v.path and "stats_" not in v.path:
+            np.testing.assert_array_equal(old, new, err_msg=v.path)
+    step([tf.ones((4, 3))])  # and the next finite step decays again
+    assert np.all(variables[0].numpy() < before[0])

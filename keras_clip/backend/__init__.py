@@ -28,6 +28,36 @@ def run_if(pred, fn, fallback, protect):
     return tree.map_structure(lambda a, b: ops.where(pred, a, b), out, fallback())
 
 
+def _is_sparse(value):
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return isinstance(value, tf.IndexedSlices)
+
+
+def keep_unless(mask, value, variable):
+    """`value` where `mask` holds, else the variable's current value."""
+    if _is_sparse(value):
+        import tensorflow as tf
+
+        old = tf.gather(getattr(variable, "value", variable), value.indices)
+        kept = ops.where(mask, value.values, ops.cast(old, value.values.dtype))
+        return tf.IndexedSlices(kept, value.indices, value.dense_shape)
+    return ops.where(mask, value, ops.cast(variable, value.dtype))
+
+
+def zero_unless(mask, value):
+    """`value` where `mask` holds, else zero (for `assign_add`/`assign_sub`)."""
+    if _is_sparse(value):
+        import tensorflow as tf
+
+        zeroed = ops.where(mask, value.values, ops.zeros_like(value.values))
+        return tf.IndexedSlices(zeroed, value.indices, value.dense_shape)
+    value = ops.convert_to_tensor(value)
+    return ops.where(mask, value, ops.zeros_like(value))
+
+
 def split_sparse(grads):
     """Dense stand-ins for sparse gradients, and a function to rewrap them.
 
