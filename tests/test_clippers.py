@@ -275,3 +275,12 @@ def test_threshold_setter_checks_too():
     with pytest.raises(ValueError, match="Received: max_norm=-2"):
         clip.max_norm = -2
     assert clip.max_norm == 1.0
+
+
+@pytest.mark.parametrize("shape", [(512, 256), (3, 3, 64, 128), (70_001,)])
+def test_large_tensor_norms_match_numpy(shape):
+    # Large tensors take the matrix-vector path of `_sq_norm`; odd sizes not.
+    g = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    np.testing.assert_allclose(float(kc.ops.global_norm([g])), np_norm(g), rtol=1e-6)
+    clipped = np.asarray(kc.ops.clip_by_norm([g], 1.0)[0])
+    np.testing.assert_allclose(np_norm(clipped), 1.0, rtol=1e-6)
