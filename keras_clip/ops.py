@@ -24,13 +24,13 @@ def _sq_norm(x, axis=None, keepdims=False):
         size = size * dim if isinstance(dim, int) and isinstance(size, int) else None
     if (
         axis is None
-        and not keepdims
         and size is not None
         and size >= _MATVEC_MIN_SIZE
         and size % _MATVEC_WIDTH == 0
     ):
         rows = ops.reshape(x, (-1, _MATVEC_WIDTH))
-        return ops.sum(ops.matmul(rows, ops.ones((_MATVEC_WIDTH,), "float32")))
+        total = ops.sum(ops.matmul(rows, ops.ones((_MATVEC_WIDTH,), "float32")))
+        return ops.reshape(total, (1,) * len(x.shape)) if keepdims else total
     return ops.sum(x, axis=axis, keepdims=keepdims)
 
 

@@ -214,7 +214,10 @@ class ClippingMixin:
         finite = ops.isfinite(norm)
         for probe in self._gradient_probes:
             probe(values, variables, self.iterations)
-        if self.nonfinite == "zero":
+        if self.nonfinite in ("zero", "skip"):
+            # Zero the gradient of a non-finite step: "zero" applies it, "skip"
+            # masks its assignments, and both keep NaN out of every product
+            # (a NaN times the mask's 0 would still be NaN).
             values = [ops.where(finite, g, ops.zeros_like(g)) for g in values]
             norm_in = ops.where(finite, norm, ops.zeros_like(norm))
         else:

@@ -48,14 +48,19 @@ def keep_unless(mask, value, variable):
 
 
 def zero_unless(mask, value):
-    """`value` where `mask` holds, else zero (for `assign_add`/`assign_sub`)."""
+    """`value` where `mask` holds, else zero (for `assign_add`/`assign_sub`).
+
+    A product, not a select: XLA then updates the variable in place (a select
+    kept a second buffer per variable: +500 MB on 16.8M Adam parameters). The
+    value must be finite, so the optimizer zeroes a non-finite gradient first.
+    """
     if _is_sparse(value):
         import tensorflow as tf
 
         zeroed = ops.where(mask, value.values, ops.zeros_like(value.values))
         return tf.IndexedSlices(zeroed, value.indices, value.dense_shape)
     value = ops.convert_to_tensor(value)
-    return ops.where(mask, value, ops.zeros_like(value))
+    return value * ops.cast(mask, value.dtype)
 
 
 def split_sparse(grads):
