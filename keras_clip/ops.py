@@ -34,6 +34,11 @@ def _sq_norm(x, axis=None, keepdims=False):
     return ops.sum(x, axis=axis, keepdims=keepdims)
 
 
+def _sq_norms(grads):
+    """The float32 vector of each tensor's sum of squares."""
+    return ops.stack([_sq_norm(g) for g in grads])
+
+
 def _scale(norm, max_norm):
     """`min(1, max_norm / norm)`, safe for zero, NaN and infinite norms.
 

@@ -209,7 +209,7 @@ class ClippingMixin:
         if replica is not None:
             grads = backend.all_reduce_sum(replica, grads)
         values, rewrap = backend.split_sparse(grads)
-        squares = ops.stack([kc_ops._sq_norm(g) for g in values])
+        squares = kc_ops._sq_norms(values)
         norm = ops.sqrt(ops.sum(squares))
         finite = ops.isfinite(norm)
         for probe in self._gradient_probes:
@@ -220,8 +220,9 @@ class ClippingMixin:
             # (a NaN times the mask's 0 would still be NaN).
             values = [ops.where(finite, g, ops.zeros_like(g)) for g in values]
             norm_in = ops.where(finite, norm, ops.zeros_like(norm))
+            squares_in = ops.where(finite, squares, ops.zeros_like(squares))
         else:
-            norm_in = norm
+            norm_in, squares_in = norm, squares
         current = {k: v.value for k, v in self._clip_state.items()}
         old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
 
@@ -230,7 +231,8 @@ class ClippingMixin:
                 info = {"clipped": ops.array(False), "clipped_norm": norm_in}
                 return values, {}, info, old_threshold
             clipped, new_state, info = self.clipper.update(
-                values, current, variables, norm=norm_in, step=self.iterations
+                values, current, variables, norm=norm_in, step=self.iterations,
+                squares=squares_in,
             )
             # Adaptive state never ingests a non-finite step.
             new_state = {

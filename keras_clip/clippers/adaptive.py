@@ -67,7 +67,8 @@ class AutoClip(Clipper):
             "threshold": np.asarray(0.0, "float32"),
         }
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         norm = _norm(grads, norm)
         finite = ops.isfinite(norm)
         size = self.history_size
@@ -184,7 +185,8 @@ class ZClip(Clipper):
             "threshold": np.asarray(0.0, "float32"),
         }
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         g = _norm(grads, norm)
         finite = ops.isfinite(g)
         count, mean, var = state["count"], state["mean"], state["var"]
@@ -304,8 +306,9 @@ class AdaGC(Clipper):
             "threshold": np.asarray(0.0, "float32"),
         }
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
-        norms = ops.sqrt(ops.stack([kc_ops._sq_norm(g) for g in grads]))
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
+        norms = ops.sqrt(kc_ops._sq_norms(grads) if squares is None else squares)
         g = ops.sqrt(ops.sum(ops.square(norms))) if norm is None else norm
         finite = ops.isfinite(g)
         gamma, count = state["gamma"], state["count"]

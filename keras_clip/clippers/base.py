@@ -71,7 +71,8 @@ class Clipper:
         """
         raise NotImplementedError
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         """Clips `grads`.
 
         Args:
@@ -80,6 +81,8 @@ class Clipper:
             params: List of the matching weights (variables or tensors);
                 only clippers that need weights read them.
             norm: Optional float32 global norm of `grads`, if already known.
+            squares: Optional float32 vector of each gradient's sum of
+                squares, if already known (saves per-tensor rules a pass).
             step: The optimizer's iteration count, for schedules.
 
         Returns:

@@ -43,7 +43,8 @@ class ValueClip(Clipper):
     def init_state(self, variables):
         return _threshold_only(self.max_value)
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         c = self._threshold_value(self.max_value, state, step)
         clipped = kc_ops.clip_by_value(grads, c)
         clipped_norm = kc_ops.global_norm(clipped)
@@ -82,9 +83,10 @@ class NormClip(Clipper):
     def init_state(self, variables):
         return _threshold_only(self.max_norm)
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         c = self._threshold_value(self.max_norm, state, step)
-        norms = ops.sqrt(ops.stack([kc_ops._sq_norm(g) for g in grads]))
+        norms = ops.sqrt(kc_ops._sq_norms(grads) if squares is None else squares)
         scales = kc_ops._scale(norms, c)
         clipped = [kc_ops._mul(g, scales[i]) for i, g in enumerate(grads)]
         info = {
@@ -123,7 +125,8 @@ class GlobalNormClip(Clipper):
     def init_state(self, variables):
         return _threshold_only(self.max_norm)
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         c = self._threshold_value(self.max_norm, state, step)
         if norm is None:
             norm = kc_ops.global_norm(grads)
@@ -184,7 +187,8 @@ class AdaptiveGradClip(Clipper):
     def init_state(self, variables):
         return {"threshold": Clipper._threshold_state(self.clip_factor)}
 
-    def update(self, grads, state, params=None, *, norm=None, step=None):
+    def update(self, grads, state, params=None, *, norm=None, step=None,
+               squares=None):
         if params is None or len(params) != len(grads):
             raise ValueError(
                 "`AdaptiveGradClip` needs the weights: pass `params`, one per "
