@@ -218,7 +218,9 @@ class ClippingMixin:
             # Zero the gradient of a non-finite step: "zero" applies it, "skip"
             # masks its assignments, and both keep NaN out of every product
             # (a NaN times the mask's 0 would still be NaN).
-            values = [ops.where(finite, g, ops.zeros_like(g)) for g in values]
+            # (A scalar zero, not `zeros_like(g)`: TensorFlow folds that into
+            # a constant as large as the gradients when it compiles the step.)
+            values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
             norm_in = ops.where(finite, norm, ops.zeros_like(norm))
             squares_in = ops.where(finite, squares, ops.zeros_like(squares))
         else:
@@ -255,17 +257,21 @@ class ClippingMixin:
             # A skipped step runs like any other, with every assignment masked
             # (see `assign`): no `cond`, so XLA fuses the mask into the update.
             self.__dict__["_update_mask"] = finite if skip else None
+            self.__dict__["_chain"] = backend.UpdateChain()
             try:
                 clipped, new_state, info, threshold = clip()
                 for name, var in self._clip_state.items():
                     var.assign(new_state[name])
                 self._apply_weight_decay(variables)
+                # In reverse: the gradients the norm read last are still in
+                # cache when their update runs (see `backend.UpdateChain`).
                 self._backend_update_step(
-                    rewrap(clipped), variables, self.learning_rate
+                    rewrap(clipped)[::-1], variables[::-1], self.learning_rate
                 )
                 self._moving_average_step()
             finally:
                 self.__dict__["_update_mask"] = None
+                self.__dict__["_chain"] = None
             result = summary(info, threshold)
         else:
             clipped, new_state, info, threshold = clip()
@@ -370,6 +376,14 @@ class ClippingMixin:
     # through these three methods.
 
     _update_mask = None
+    _chain = None
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._chain is None:
+            return super().update_step(gradient, variable, learning_rate)
+        gradient = self._chain.after_previous(gradient)
+        super().update_step(gradient, variable, learning_rate)
+        self._chain.link(variable)
 
     def assign(self, variable, value):
         if self._update_mask is not None:

@@ -118,7 +118,7 @@ def bucket_counts(grad, edges):
     a = ops.abs(ops.reshape(ops.cast(grad, "float32"), (-1,)))
     finite = ops.isfinite(a)
     positive = ops.logical_and(finite, a > 0)
-    x = ops.log10(ops.where(positive, a, ops.ones_like(a)))
+    x = ops.log10(ops.where(positive, a, ops.ones((), a.dtype)))
     if _is_uniform(edges):
         low = float(edges[0])
         width = (float(edges[-1]) - low) / (n_edges - 1)

@@ -1,0 +1,157 @@
+"""The structure that makes the compiled step fast, pinned without timing it.
+
+Timings live in benchmarks/ (run on purpose, not in CI). These tests pin what
+the speed rests on: the update chain survives XLA's optimizations and changes
+no value, and a step allocates no gradient-sized buffer.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_clip as kc
+from keras_clip import backend
+
+from test_correctness import CLIPPERS
+
+
+def _entry_lines(hlo):
+    lines = hlo.split("ENTRY", 1)[1].splitlines()
+    return [line.strip() for line in lines[1:] if line.strip() not in ("", "}")]
+
+
+def test_chain_dependency_survives_xla():
+    # Without the chain, XLA schedules every variable's first fusion before
+    # any second one. The chain's token must survive XLA's simplifier: the
+    # second gradient's output depends on the first variable's value.
+    def step(g, w):
+        chain = backend.UpdateChain()
+        chain.link(w)
+        return chain.after_previous(g)
+
+    fn = tf.function(step, jit_compile=True)
+    g = tf.constant(np.arange(8, dtype="float32"))
+    w = tf.Variable(np.ones(8, "float32"))
+    hlo = fn.experimental_get_compiler_ir(g, w)(stage="optimized_hlo")
+    lines = _entry_lines(hlo)
+    params = [line.split(" = ")[0] for line in lines if "parameter(" in line]
+    assert len(params) == 2
+    uses = {p: sum(p + ")" in line or p + "," in line for line in lines) for p in params}
+    assert all(count >= 1 for count in uses.values()), hlo
+
+
+@pytest.mark.parametrize("clipper", [None, "value", "agc"])
+def test_optimizer_updates_variables_one_after_the_other(clipper):
+    # Two variables, plain SGD: one update fusion each. Chained, the second
+    # reads the first one's output (in reverse order: the norm pass read the
+    # last gradients last, so their updates go first).
+    opt = kc.ClippedSGD(0.1, clipper=clipper)
+    variables = [keras.Variable(np.ones(1024, "float32")) for _ in range(2)]
+    grads = [tf.constant(np.full(1024, 0.5, "float32")) for _ in range(2)]
+    opt.build(variables)
+    fn = tf.function(lambda gs: opt.apply(gs, variables), jit_compile=True)
+    hlo = fn.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
+    updates = {}
+    for line in _entry_lines(hlo):
+        name, _, rest = line.partition(" = ")
+        if rest.startswith("f32[1024]{0} fusion("):
+            updates[name] = rest
+    assert len(updates) >= 2, hlo
+    assert any(
+        other + ")" in rest or other + "," in rest
+        for name, rest in updates.items()
+        for other in updates
+        if other != name
+    ), hlo
+
+
+def test_chain_changes_no_bit():
+    values = np.array([-0.0, 0.0, 1.5, -2.0, np.nan, np.inf, -np.inf, 1e-45], "float32")
+    for first in (1.0, np.nan, np.inf, -0.0):
+        w = tf.Variable(np.full(3, first, "float32"))
+
+        @tf.function(jit_compile=True)
+        def step(g):
+            chain = backend.UpdateChain()
+            chain.link(w)
+            return chain.after_previous(g)
+
+        out = step(tf.constant(values)).numpy()
+        assert out.tobytes() == values.tobytes(), (first, out)
+
+
+# name -> (kwargs, bit for bit). The chained, reversed update is Keras's own
+# arithmetic on the same gradient; only where LLVM fuses multiply-adds
+# differently around the chain's select (Lion's momentum) does a value round
+# differently, by an ulp.
+OPTIMIZERS = {
+    "Adam": ({}, True),
+    "SGD": ({"momentum": 0.9}, True),
+    "AdamW": ({"weight_decay": 0.01}, True),
+    "Nadam": ({}, True),
+    "RMSprop": ({"momentum": 0.5}, True),
+    "Lion": ({}, False),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_unclipped_step_equals_keras(name):
+    rng = np.random.default_rng(0)
+    shapes = [(5, 7), (7,), (3, 3, 2, 4), ()]
+    init = [rng.standard_normal(s).astype("float32") for s in shapes]
+    grads = [
+        [rng.standard_normal(s).astype("float32") for s in shapes] for _ in range(3)
+    ]
+    grads[1][0][0, 0] = -0.0
+    results = []
+    for cls in (getattr(keras.optimizers, name), getattr(kc, f"Clipped{name}")):
+        kwargs = dict(OPTIMIZERS[name][0])
+        if cls is not getattr(keras.optimizers, name):
+            # (With "skip", a masked slot update may round 1 ulp apart
+            # where LLVM fused a multiply-add: not what this test is about.)
+            kwargs["nonfinite"] = "propagate"
+        opt = cls(learning_rate=0.01, **kwargs)
+        variables = [keras.Variable(x) for x in init]
+        fn = tf.function(lambda gs: opt.apply(gs, variables), jit_compile=True)
+        for gs in grads:
+            fn([tf.constant(g) for g in gs])
+        results.append(([v.numpy() for v in variables], [v.numpy() for v in opt.variables]))
+    (w_keras, s_keras), (w_ours, s_ours) = results
+    # keras-clip builds Keras's state first, then its own.
+    s_ours = s_ours[: len(s_keras)]
+    for a, b in zip(w_keras + s_keras, w_ours + s_ours):
+        if OPTIMIZERS[name][1]:
+            assert a.tobytes() == b.tobytes()
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _memory():
+    return tf.config.experimental.get_memory_info("CPU:0")
+
+
+@pytest.mark.parametrize("name", CLIPPERS)
+def test_step_allocates_no_gradient_sized_buffer(name):
+    # 8 x 1 MB of gradients: a copy of even one of them would show. The step
+    # updates weights and slots in place and keeps only scalars besides.
+    rng = np.random.default_rng(0)
+    variables = [
+        keras.Variable(rng.standard_normal(262_144).astype("float32") * 0.01)
+        for _ in range(8)
+    ]
+    grads = [tf.constant(rng.standard_normal(262_144).astype("float32")) for _ in range(8)]
+    opt = kc.ClippedAdam(1e-3, clipper=CLIPPERS[name]())
+    opt.build(variables)
+    fn = tf.function(lambda: opt.apply(grads, variables), jit_compile=True)
+    peaks = []
+    for _ in range(3):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = _memory()["current"]
+        fn()
+        peaks.append(_memory()["peak"] - before)
+    # The first call compiles: TensorFlow once folded `zeros_like(g)` into
+    # constants twice the size of all the gradients there. (It may also copy
+    # a few variables that still share a buffer: hence the looser bound.)
+    assert peaks[0] < 8 * 2**20, peaks
+    assert max(peaks[1:]) < 2**19, peaks  # under half of one gradient
