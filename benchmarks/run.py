@@ -1,19 +1,21 @@
 """keras-clip benchmarks: step time and memory as ratios to plain Adam.
 
-    python benchmarks/run.py [--parts a b c d] [--repeats 5] [--json out.json]
+    python benchmarks/run.py [--parts a b c d] [--rounds 40] [--repeats 5] [--json out.json]
 
 (a) the optimizer step alone: 64 tensors of 262,144 float32 (16.8M
     parameters), one XLA-compiled `apply`;
 (b) a whole `fit` step, `jit_compile=True`: 2-layer LSTM(256), sequences of
     100 steps of 32 features, batch 64;
 (c) the (b) step with `GradientMonitor` and `GradientHistogramLogger(freq=100)`;
-(d) memory: the resident set the (a) loop adds once the weights and gradients
-    exist (the optimizer's slots and state, XLA's buffers), each optimizer in
-    its own process.
+(d) memory in the (a) loop, each optimizer in its own process: the tensors
+    the optimizer keeps, the buffers a step allocates on top of them (its
+    peak), and the process's growth (the compiler's memory included).
 
-Every figure is the median over `--repeats` repeats (after warm-up) of the
-per-step time, divided by plain Adam's measured in the same process, in
-interleaved order; min and max of the per-repeat ratios are shown too.
+Every time is the median over repeats (after warm-up) of the per-step time,
+divided by plain Adam's measured in the same process and the same repeat;
+min and max of the per-repeat ratios are shown too. (a) runs `--rounds`
+rounds in which every configuration is timed for 5 calls in a fresh random
+order; (b, c) run `--repeats` interleaved repeats of 10 `fit` steps.
 Not part of the test run.
 """
 
@@ -91,7 +93,13 @@ def _step_setup(seed=0):
     return variables, grads
 
 
-def part_a(repeats, calls=20):
+def part_a(rounds, calls=5):
+    """Step time of each configuration, interleaved finely.
+
+    Each round times every configuration for `calls` calls (the median
+    counts), in a fresh random order, so that a slow spell of the machine
+    hits all of them alike; ratios are taken within a round.
+    """
     import tensorflow as tf
 
     variables, grads = _step_setup()
@@ -103,12 +111,15 @@ def part_a(repeats, calls=20):
             fn()
         steps[name] = fn
     times = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, fn in steps.items():
+    order = list(steps)
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
             ts = []
             for _ in range(calls):
                 t = time.perf_counter()
-                fn()
+                steps[name]()
                 ts.append(time.perf_counter() - t)
             times[name].append(float(np.median(ts)))
     return _summary(times, "Adam")
@@ -178,13 +189,23 @@ def part_bc(repeats, steps=10, with_callbacks=True):
 def _memory_child(name):
     import tensorflow as tf
 
+    def allocated():
+        return tf.config.experimental.get_memory_info("CPU:0")["current"] / 2**20
+
     variables, grads = _step_setup()
-    before = _resident_mb()
+    rss, before = _resident_mb(), allocated()
     opt = _optimizer(name)
     fn = tf.function(lambda: opt.apply(grads, variables), jit_compile=True)
     for _ in range(10):
         fn()
-    print(json.dumps({"mb": _resident_mb() - before}))
+    state = allocated() - before
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    current = allocated()
+    fn()
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20 - current
+    print(json.dumps({
+        "state_mb": state, "step_peak_mb": peak, "rss_mb": _resident_mb() - rss,
+    }))
 
 
 def _resident_mb():
@@ -194,30 +215,44 @@ def _resident_mb():
 
 
 def part_d():
+    """Memory of each optimizer, each in its own process.
+
+    `state_mb`: tensors the optimizer keeps (slots, clipper state,
+    statistics); `step_peak_mb`: buffers a step allocates on top of them, at
+    its peak (a copy of the gradients would be 64 MB); `rss_mb`: what the
+    process grew by, the compiler's memory included.
+    """
     out = {}
     for name in STEP_CONFIGS:
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", name],
             capture_output=True, text=True, check=True,
         )
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])["mb"]
-    base = out["Adam"]
-    return {n: {"mb": mb, "ratio": mb / base} for n, mb in out.items()}
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    base = out["Adam"]["state_mb"]
+    for row in out.values():
+        row["state_ratio"] = row["state_mb"] / base
+    return out
 
 
 def _table(title, rows, keys=("ms", "ratio", "min", "max")):
     print(f"\n{title}")
     width = max(len(n) for n in rows) + 2
-    print("".ljust(width) + "".join(k.rjust(9) for k in keys))
+    print("".ljust(width) + "".join(k.rjust(13) for k in keys))
     for name, row in rows.items():
-        print(name.ljust(width) + "".join(f"{row[k]:9.3f}" if k != "mb" else f"{row[k]:9.1f}" for k in keys))
+        print(name.ljust(width) + "".join(
+            f"{row[k]:13.1f}" if k.endswith("mb") else f"{row[k]:13.3f}" for k in keys
+        ))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"],
                         choices=["a", "b", "c", "d"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="repeats of each (b, c) figure (at least 5)")
+    parser.add_argument("--rounds", type=int, default=40,
+                        help="interleaved rounds of (a) (at least 5)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -226,6 +261,8 @@ def main(argv=None):
         return 0
     if args.repeats < 5:
         parser.error(f"--repeats must be at least 5. Received: {args.repeats}")
+    if args.rounds < 5:
+        parser.error(f"--rounds must be at least 5. Received: {args.rounds}")
 
     import keras
     import tensorflow as tf
@@ -239,7 +276,7 @@ def main(argv=None):
     }}
     print("machine:", results["machine"])
     if "a" in args.parts:
-        results["a"] = part_a(args.repeats)
+        results["a"] = part_a(args.rounds)
         _table("(a) optimizer step alone, 16.8M float32 params, XLA; ratio to Adam", results["a"])
     if "b" in args.parts or "c" in args.parts:
         bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
@@ -247,7 +284,8 @@ def main(argv=None):
         _table("(b, c) fit step, 2x LSTM(256), 100x32 inputs, batch 64, XLA; ratio to Adam", bc)
     if "d" in args.parts:
         results["d"] = part_d()
-        _table("(d) resident memory added by the optimizer in the (a) loop, MB; ratio to Adam", results["d"], keys=("mb", "ratio"))
+        _table("(d) memory in the (a) loop, MB: optimizer state, a step's peak on top, process growth",
+               results["d"], keys=("state_mb", "state_ratio", "step_peak_mb", "rss_mb"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -194,9 +194,13 @@ def unitwise_norm(x, axis=None):
     return ops.sqrt(_sq_norm(x, axis=axes, keepdims=True))
 
 
-def _agc_parts(g, p, clip_factor, epsilon, axis=None):
-    """Per-unit AGC scale and squared norm after clipping, for one tensor."""
-    g_norm = unitwise_norm(g, axis)
+def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_norm=None):
+    """Per-unit AGC scale, over-flags and squared norm after clipping.
+
+    `g_norm`, if given, is the unit-wise norm of `g`, already known.
+    """
+    if g_norm is None:
+        g_norm = unitwise_norm(g, axis)
     p_norm = ops.maximum(unitwise_norm(p, axis), epsilon)
     max_norm = clip_factor * p_norm
     scale = _scale(g_norm, max_norm)

@@ -256,22 +256,43 @@ class ClippingMixin:
         if replica is None:
             # A skipped step runs like any other, with every assignment masked
             # (see `assign`): no `cond`, so XLA fuses the mask into the update.
+            # Each variable is decayed and updated in `update_step`, one after
+            # the other (see `backend.UpdateChain`), in reverse: the gradients
+            # the norm read last are still in cache when their update runs. A
+            # per-tensor rule clips each gradient there too, right before its
+            # update.
+            # (Not under a one-device `tf.distribute` strategy: Keras's weight
+            # decay cannot run inside its per-variable update there.)
+            chained = not backend.has_strategy()
+            per_tensor = (
+                chained and self.clipper is not None and self.clipper.per_tensor
+            )
             self.__dict__["_update_mask"] = finite if skip else None
-            self.__dict__["_chain"] = backend.UpdateChain()
+            self.__dict__["_chain"] = backend.UpdateChain() if chained else None
             try:
-                clipped, new_state, info, threshold = clip()
+                if per_tensor:
+                    tensor_clip = _TensorClip(self, variables, current, squares_in)
+                    self.__dict__["_tensor_clip"] = tensor_clip
+                    new_state = {"threshold": ops.where(
+                        finite, tensor_clip.threshold, old_threshold
+                    )}
+                    clipped = values
+                else:
+                    clipped, new_state, info, threshold = clip()
                 for name, var in self._clip_state.items():
                     var.assign(new_state[name])
-                self._apply_weight_decay(variables)
-                # In reverse: the gradients the norm read last are still in
-                # cache when their update runs (see `backend.UpdateChain`).
+                if not chained:
+                    self._apply_weight_decay(variables)
                 self._backend_update_step(
                     rewrap(clipped)[::-1], variables[::-1], self.learning_rate
                 )
                 self._moving_average_step()
+                if per_tensor:
+                    info, threshold = tensor_clip.info(), new_state["threshold"]
             finally:
                 self.__dict__["_update_mask"] = None
                 self.__dict__["_chain"] = None
+                self.__dict__["_tensor_clip"] = None
             result = summary(info, threshold)
         else:
             clipped, new_state, info, threshold = clip()
@@ -377,13 +398,21 @@ class ClippingMixin:
 
     _update_mask = None
     _chain = None
+    _tensor_clip = None
 
     def update_step(self, gradient, variable, learning_rate):
-        if self._chain is None:
+        chain = self._chain
+        if chain is None:
             return super().update_step(gradient, variable, learning_rate)
-        gradient = self._chain.after_previous(gradient)
+        index = self._get_variable_index(variable)
+        gradient = chain.after_previous(gradient)
+        done = ()
+        if self._tensor_clip is not None:
+            gradient, done = self._tensor_clip(gradient, variable, index, chain)
+        # Decay here, not for all variables first: the weight is in cache.
+        self._apply_weight_decay([self._trainable_variables[index]])
         super().update_step(gradient, variable, learning_rate)
-        self._chain.link(variable)
+        chain.link(variable, *done)
 
     def assign(self, variable, value):
         if self._update_mask is not None:
@@ -412,6 +441,48 @@ class ClippingMixin:
         config["clipper"] = clippers.serialize(self.clipper)
         config["nonfinite"] = self.nonfinite
         return config
+
+
+class _TensorClip:
+    """A per-tensor rule, applied in `update_step` right before each update.
+
+    The clipper's `clip_tensor` sees the gradient and the weight (read before
+    the weight decay, as in the list path) just before that variable's update
+    (see `backend.UpdateChain`), and the clipped sums of squares and flags
+    are collected for the statistics.
+    """
+
+    def __init__(self, optimizer, variables, state, squares):
+        self.clipper = optimizer.clipper
+        self.threshold = self.clipper.step_threshold(state, optimizer.iterations)
+        self.variables = variables
+        self.position = {
+            optimizer._get_variable_index(v): i for i, v in enumerate(variables)
+        }
+        self.squares = squares
+        self.results = {}
+
+    def __call__(self, gradient, variable, index, chain):
+        """Returns the clipped gradient and the scalars the chain waits for."""
+        i = self.position[index]
+        values, rewrap = backend.dense_values(gradient)
+        param = chain.after_previous(backend.read(variable))
+        clipped, square_after, flag = self.clipper.clip_tensor(
+            values, param, self.threshold, square=self.squares[i],
+            path=self.variables[i].path,
+        )
+        self.results[i] = (square_after, flag)
+        return rewrap(clipped), (square_after,)
+
+    def info(self):
+        if len(self.results) != len(self.variables):
+            raise RuntimeError(
+                "keras-clip clips per tensor in `update_step`, but this "
+                f"optimizer updated {len(self.results)} of "
+                f"{len(self.variables)} variables through it."
+            )
+        squares_after, flags = zip(*(self.results[i] for i in range(len(self.results))))
+        return clippers.per_tensor_info(list(squares_after), list(flags))
 
 
 def _constant(value):

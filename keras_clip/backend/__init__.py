@@ -63,6 +63,29 @@ def zero_unless(mask, value):
     return value * ops.cast(mask, value.dtype)
 
 
+def read(variable):
+    """The current value of a Keras or backend variable, as a tensor."""
+    if isinstance(variable, keras.Variable):
+        return variable.value
+    return ops.convert_to_tensor(variable)
+
+
+def dense_values(gradient):
+    """A gradient's values, and a function to put new values back.
+
+    A `tf.IndexedSlices` (its indices already unique, see `split_sparse`)
+    gives its rows; a dense gradient is its own value.
+    """
+    if not _is_sparse(gradient):
+        return gradient, lambda values: values
+    import tensorflow as tf
+
+    def rewrap(values):
+        return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+
+    return gradient.values, rewrap
+
+
 def split_sparse(grads):
     """Dense stand-ins for sparse gradients, and a function to rewrap them.
 
@@ -98,6 +121,15 @@ def split_sparse(grads):
 
 
 # tf.distribute: clipping after the all-reduce (DESIGN.md, step contract 1).
+
+
+def has_strategy():
+    """Whether a `tf.distribute` strategy (other than the default) is in scope."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
 
 
 def replica_context():
@@ -177,16 +209,22 @@ class UpdateChain:
             return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
         return tf.where(self._never, -gradient, gradient)
 
-    def link(self, variable):
-        """The next `after_previous` waits for `variable`'s current value."""
+    def link(self, variable, *scalars):
+        """The next `after_previous` waits for `variable`'s current value.
+
+        It also waits for `scalars` (e.g. a sum over the last gradient): XLA
+        then computes them while that gradient is in cache.
+        """
         if keras.backend.backend() != "tensorflow":
             return
         import tensorflow as tf
 
-        if isinstance(variable, keras.Variable):
-            variable = variable.value
-        value = tf.convert_to_tensor(variable)
+        value = read(variable)
         if value.shape.num_elements() == 0:
             return
-        first = tf.reshape(value, [-1])[0]
-        self._never = tf.logical_and(tf.not_equal(first, first), tf.equal(first, first))
+        never = None
+        for x in [tf.reshape(value, [-1])[0], *scalars]:
+            x = tf.convert_to_tensor(x)
+            cut = tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))
+            never = cut if never is None else tf.logical_and(never, cut)
+        self._never = never

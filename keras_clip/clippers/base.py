@@ -5,6 +5,7 @@ from keras import ops
 from keras.optimizers.schedules import LearningRateSchedule
 
 from keras_clip import _checks
+from keras_clip.ops import _sq_norm
 
 
 class Threshold:
@@ -58,10 +59,15 @@ class Clipper:
     global norm after clipping), both computed without another pass over the
     gradients.
 
-    Subclasses implement `init_state`, `update` and `get_config`.
+    Subclasses implement `init_state`, `update` and `get_config`. A rule that
+    clips each tensor on its own, given the step's threshold, sets
+    `per_tensor = True` and implements `step_threshold` and `clip_tensor`
+    instead of `update`: the optimizer then clips each tensor right before
+    its own update, while the tensor is in cache.
     """
 
     _variables = None
+    per_tensor = False
 
     def init_state(self, variables):
         """Initial state: a dict of name -> NumPy array (shape, dtype, value).
@@ -87,6 +93,45 @@ class Clipper:
 
         Returns:
             A tuple `(clipped_grads, new_state, info)`.
+        """
+        if not self.per_tensor:
+            raise NotImplementedError
+        threshold = self.step_threshold(state, step)
+        if params is None:
+            params = [None] * len(grads)
+        clipped, squares_after, flags = [], [], []
+        for i, (g, p) in enumerate(zip(grads, params)):
+            square = _sq_norm(g) if squares is None else squares[i]
+            path = getattr(p, "path", None) or getattr(p, "name", None)
+            value = getattr(p, "value", p)  # a weight with a value, or a tensor
+            value = p if callable(value) else value  # (a tf.Variable's is a method)
+            out, square_after, flag = self.clip_tensor(
+                g, value, threshold, square=square, path=path
+            )
+            clipped.append(out)
+            squares_after.append(square_after)
+            flags.append(flag)
+        return clipped, {"threshold": threshold}, per_tensor_info(squares_after, flags)
+
+    def step_threshold(self, state, step):
+        """This step's threshold, for `per_tensor` rules (float32 scalar)."""
+        raise NotImplementedError
+
+    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+        """Clips one tensor, for `per_tensor` rules.
+
+        Args:
+            grad: The gradient tensor.
+            param: Its weight's value (a tensor), or `None`; only rules that
+                need weights read it.
+            threshold: This step's threshold, from `step_threshold`.
+            square: Float32 scalar, the sum of squares of `grad`.
+            path: The weight's variable path, or `None`.
+
+        Returns:
+            A tuple `(clipped, clipped_square, clipped_flag)`: the clipped
+            tensor, its float32 sum of squares, and whether clipping changed
+            it (bool scalar).
         """
         raise NotImplementedError
 
@@ -132,3 +177,13 @@ class Clipper:
 
             return serialize_keras_object(value)
         return value
+
+
+def per_tensor_info(squares_after, flags):
+    """The optimizer's `info` from per-tensor results (see `clip_tensor`)."""
+    if not flags:
+        return {"clipped": ops.array(False), "clipped_norm": ops.zeros((), "float32")}
+    return {
+        "clipped": ops.any(ops.stack([ops.cast(f, "bool") for f in flags])),
+        "clipped_norm": ops.sqrt(ops.sum(ops.stack(squares_after))),
+    }

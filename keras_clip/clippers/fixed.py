@@ -43,16 +43,16 @@ class ValueClip(Clipper):
     def init_state(self, variables):
         return _threshold_only(self.max_value)
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        c = self._threshold_value(self.max_value, state, step)
-        clipped = kc_ops.clip_by_value(grads, c)
-        clipped_norm = kc_ops.global_norm(clipped)
-        if norm is None:
-            norm = kc_ops.global_norm(grads)
-        # Clipping an element lowers the norm, so no extra pass for the flag.
-        info = {"clipped": clipped_norm < norm, "clipped_norm": clipped_norm}
-        return clipped, {"threshold": c}, info
+    per_tensor = True
+
+    def step_threshold(self, state, step):
+        return self._threshold_value(self.max_value, state, step)
+
+    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+        (clipped,) = kc_ops.clip_by_value([grad], threshold)
+        square_after = kc_ops._sq_norm(clipped)
+        # Clipping an element lowers the sum, so no extra pass for the flag.
+        return clipped, square_after, square_after < square
 
     def get_config(self):
         return {"max_value": self._serialize(self.max_value)}
@@ -83,17 +83,15 @@ class NormClip(Clipper):
     def init_state(self, variables):
         return _threshold_only(self.max_norm)
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        c = self._threshold_value(self.max_norm, state, step)
-        norms = ops.sqrt(kc_ops._sq_norms(grads) if squares is None else squares)
-        scales = kc_ops._scale(norms, c)
-        clipped = [kc_ops._mul(g, scales[i]) for i, g in enumerate(grads)]
-        info = {
-            "clipped": ops.any(norms > c),
-            "clipped_norm": ops.sqrt(ops.sum(ops.square(ops.minimum(norms, c)))),
-        }
-        return clipped, {"threshold": c}, info
+    per_tensor = True
+
+    def step_threshold(self, state, step):
+        return self._threshold_value(self.max_norm, state, step)
+
+    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+        norm = ops.sqrt(square)
+        clipped = kc_ops._mul(grad, kc_ops._scale(norm, threshold))
+        return clipped, ops.square(ops.minimum(norm, threshold)), norm > threshold
 
     def get_config(self):
         return {"max_norm": self._serialize(self.max_norm)}
@@ -180,9 +178,7 @@ class AdaptiveGradClip(Clipper):
         self.exclude = _check_exclude(exclude)
         self._patterns = [re.compile(p) for p in self.exclude or ()]
 
-    def _excluded(self, param):
-        path = getattr(param, "path", None) or getattr(param, "name", "") or ""
-        return any(p.search(path) for p in self._patterns)
+    per_tensor = True
 
     def init_state(self, variables):
         return {"threshold": Clipper._threshold_state(self.clip_factor)}
@@ -194,23 +190,23 @@ class AdaptiveGradClip(Clipper):
                 "`AdaptiveGradClip` needs the weights: pass `params`, one per "
                 f"gradient. Received: params={params!r}"
             )
-        cf = self._threshold_value(self.clip_factor, state, step)
-        clipped, over, sq = [], [], []
-        for g, p in zip(grads, params):
-            if self._excluded(p):
-                clipped.append(g)
-                sq.append(kc_ops._sq_norm(g))
-                continue
-            p = getattr(p, "value", p)
-            scale, o, s = kc_ops._agc_parts(g, p, cf, self.epsilon, self.axis)
-            clipped.append(kc_ops._mul(g, scale))
-            over.append(ops.any(o))
-            sq.append(s)
-        info = {
-            "clipped": ops.any(ops.stack(over)) if over else ops.array(False),
-            "clipped_norm": ops.sqrt(ops.sum(ops.stack(sq))),
-        }
-        return clipped, {"threshold": cf}, info
+        return super().update(
+            grads, state, params, norm=norm, step=step, squares=squares
+        )
+
+    def step_threshold(self, state, step):
+        return self._threshold_value(self.clip_factor, state, step)
+
+    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+        if any(p.search(path or "") for p in self._patterns):
+            return grad, square, ops.array(False)
+        whole = len(grad.shape) <= 1 and self.axis is None
+        # One unit (a scalar or a vector): its norm is the tensor's, known.
+        g_norm = ops.sqrt(square) if whole else None
+        scale, over, square_after = kc_ops._agc_parts(
+            grad, param, threshold, self.epsilon, self.axis, g_norm=g_norm
+        )
+        return kc_ops._mul(grad, scale), square_after, ops.any(over)
 
     def get_config(self):
         axis = list(self.axis) if isinstance(self.axis, tuple) else self.axis
