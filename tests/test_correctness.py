@@ -219,6 +219,23 @@ def test_clipping_never_touches_the_decay_term():
     assert float(w.numpy()[0]) == pytest.approx(1000.0 * (1 - 0.05) - 0.1 * 1e-3, rel=1e-6)
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_agc_sees_the_weights_before_decay(jit):
+    # Step order: clip, then decay. AGC clips each gradient right before its
+    # variable's update, with the weight as it was before this step's decay:
+    # unit norm 5 -> bound 0.1 * 5 = 0.5, so g = (30, 40) becomes (0.3, 0.4).
+    w = keras.Variable(np.array([[3.0], [4.0]], "float32"))
+    opt = kc.ClippedSGD(0.1, weight_decay=0.5, clipper=kc.AdaptiveGradClip(0.1))
+    opt.build([w])
+    step = lambda grads: opt.apply(grads, [w])  # noqa: E731
+    if jit:
+        step = tf.function(step, jit_compile=True)
+    step([tf.constant([[30.0], [40.0]])])
+    decayed = np.array([[3.0], [4.0]]) * (1 - 0.5 * 0.1)
+    np.testing.assert_allclose(w.numpy(), decayed - 0.1 * np.array([[0.3], [0.4]]), rtol=1e-6)
+    assert opt.gradient_stats()["clipped_grad_norm"] == pytest.approx(0.5, rel=1e-6)
+
+
 # Guard: the Keras internals keras-clip hooks into.
 
 HOOKS = [
@@ -234,6 +251,7 @@ HOOKS = [
     ("BaseOptimizer", "_backend_reset_gradient_accumulators", ["self"]),
     ("BaseOptimizer", "_backend_increment_gradient_accumulators", ["self", "grads", "acc_grads"]),
     ("BaseOptimizer", "_get_variable_index", ["self", "variable"]),
+    ("BaseOptimizer", "update_step", ["self", "gradient", "variable", "learning_rate"]),
     ("BaseOptimizer", "add_variable", ["self", "shape", "initializer", "dtype", "aggregation", "layout", "name"]),
     ("TFOptimizer", "_distributed_tf_update_step", ["self", "distribution", "grads_and_vars", "learning_rate"]),
 ]
