@@ -1,6 +1,6 @@
 """keras-clip benchmarks: step time and memory as ratios to plain Adam.
 
-    python benchmarks/run.py [--parts a b c d] [--rounds 40] [--repeats 5] [--json out.json]
+    python benchmarks/run.py [--parts a b c d] [--rounds 40] [--repeats 12] [--json out.json]
 
 (a) the optimizer step alone: 64 tensors of 262,144 float32 (16.8M
     parameters), one XLA-compiled `apply`;
@@ -15,7 +15,7 @@ Every time is the median over repeats (after warm-up) of the per-step time,
 divided by plain Adam's measured in the same process and the same repeat;
 min and max of the per-repeat ratios are shown too. (a) runs `--rounds`
 rounds in which every configuration is timed for 5 calls in a fresh random
-order; (b, c) run `--repeats` interleaved repeats of 10 `fit` steps.
+order; (b, c) run `--repeats` such rounds of 3 `fit` steps each.
 Not part of the test run.
 """
 
@@ -102,14 +102,21 @@ def part_a(rounds, calls=5):
     """
     import tensorflow as tf
 
+    import keras_clip as kc
+
     variables, grads = _step_setup()
     steps = {}
     for name in STEP_CONFIGS:
         opt = _optimizer(name)
-        fn = tf.function(lambda opt=opt: opt.apply(grads, variables), jit_compile=True)
+        steps[name] = lambda opt=opt: opt.apply(grads, variables)
+    # Where the time goes: the two parts every rule needs.
+    chained = _chained_adam()
+    steps[UPDATE_ALONE] = lambda: chained.apply(grads, variables)
+    steps[NORM_ALONE] = lambda: kc.ops.global_norm(grads)
+    for name, step in steps.items():
+        steps[name] = tf.function(step, jit_compile=True)
         for _ in range(3):
-            fn()
-        steps[name] = fn
+            steps[name]()
     times = {name: [] for name in steps}
     order = list(steps)
     rng = np.random.default_rng(0)
@@ -123,6 +130,40 @@ def part_a(rounds, calls=5):
                 ts.append(time.perf_counter() - t)
             times[name].append(float(np.median(ts)))
     return _summary(times, "Adam")
+
+
+UPDATE_ALONE = "(Adam's update in keras-clip's order, alone)"
+NORM_ALONE = "(the gradients' norm, alone)"
+
+
+def _chained_adam():
+    """Keras's Adam, updating in keras-clip's order, with nothing else.
+
+    The update part of a `ClippedAdam` step (see `keras_clip.backend.
+    UpdateChain`): no norm, no clipping, no statistics.
+    """
+    import keras
+
+    from keras_clip import backend
+
+    class ChainedAdam(keras.optimizers.Adam):
+        chain = None
+
+        def _backend_update_step(self, grads, variables, learning_rate):
+            self.chain = backend.UpdateChain()
+            try:
+                super()._backend_update_step(grads[::-1], variables[::-1], learning_rate)
+            finally:
+                self.chain = None
+
+        def update_step(self, gradient, variable, learning_rate):
+            if self.chain is None:
+                return super().update_step(gradient, variable, learning_rate)
+            gradient = self.chain.after_previous(gradient)
+            super().update_step(gradient, variable, learning_rate)
+            self.chain.link(variable)
+
+    return ChainedAdam(1e-3)
 
 
 class _StepTimer:
@@ -142,11 +183,23 @@ class _StepTimer:
         self.callback.times = []
 
 
-def part_bc(repeats, steps=10, with_callbacks=True):
+def part_bc(rounds, steps=3, with_callbacks=True):
+    """`fit` step time of each configuration, interleaved by rounds.
+
+    Each round runs `steps` steps of every configuration in a fresh random
+    order (the median step counts). The histogram logger writes on one step
+    in `freq`: its cost at `freq=100` is the step without writing plus 1/100
+    of what a writing step adds, measured with `freq=1`.
+    """
+    import warnings
+
     import keras
 
     import keras_clip as kc
+    from keras_clip.callbacks.monitor import GradientAlarmWarning
 
+    # The monitor's alarms fire on this random data; their text is not a result.
+    warnings.simplefilter("ignore", GradientAlarmWarning)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64 * steps, 100, 32)).astype("float32")
     y = rng.standard_normal((64 * steps, 1)).astype("float32") * 10
@@ -165,10 +218,11 @@ def part_bc(repeats, steps=10, with_callbacks=True):
     if with_callbacks:
         log_dir = tempfile.mkdtemp(prefix="kc-bench-")
         configs += [
-            ("GlobalNormClip + GradientMonitor", "GlobalNormClip",
-             [lambda: kc.GradientMonitor()]),
-            ("GlobalNormClip + GradientHistogramLogger(freq=100)", "GlobalNormClip",
-             [lambda: kc.GradientHistogramLogger(log_dir, freq=100)]),
+            (MONITOR, "GlobalNormClip", [lambda: kc.GradientMonitor()]),
+            (LOGGER_1, "GlobalNormClip",
+             [lambda: kc.GradientHistogramLogger(log_dir + "/1", freq=1)]),
+            (LOGGER_100, "GlobalNormClip",
+             [lambda: kc.GradientHistogramLogger(log_dir + "/100", freq=100)]),
         ]
     for label, opt_name, callbacks in configs:
         m = model()
@@ -177,13 +231,31 @@ def part_bc(repeats, steps=10, with_callbacks=True):
         m.fit(x[:128], y[:128], batch_size=64, epochs=1, verbose=0, callbacks=cbs)
         runs[label] = (m, cbs)
     times = {label: [] for label in runs}
-    for _ in range(repeats):
-        for label, (m, cbs) in runs.items():
+    order = list(runs)
+    shuffle = np.random.default_rng(0).shuffle
+    for _ in range(rounds):
+        shuffle(order)
+        for label in order:
+            m, cbs = runs[label]
             timer = _StepTimer()
             m.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False,
                   callbacks=cbs + [timer.callback])
             times[label].append(float(np.median(timer.callback.times)))
-    return _summary(times, "Adam")
+    if with_callbacks:
+        quiet, writing = np.array(times[LOGGER_100]), np.array(times[LOGGER_1])
+        times[LOGGER_100] = list(quiet + np.maximum(writing - quiet, 0) / 100)
+    out = _summary(times, "Adam")
+    if with_callbacks:
+        # What a callback adds to the same step without it, round by round.
+        for label in (MONITOR, LOGGER_100):
+            added = np.array(times[label]) / np.array(times["GlobalNormClip"]) - 1
+            out[label]["over_b"] = float(np.median(added))
+    return out
+
+
+MONITOR = "GlobalNormClip + GradientMonitor"
+LOGGER_1 = "GlobalNormClip + GradientHistogramLogger(freq=1)"
+LOGGER_100 = "GlobalNormClip + GradientHistogramLogger(freq=100), amortized"
 
 
 def _memory_child(name):
@@ -249,8 +321,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"],
                         choices=["a", "b", "c", "d"])
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="repeats of each (b, c) figure (at least 5)")
+    parser.add_argument("--repeats", type=int, default=12,
+                        help="interleaved rounds of (b, c) (at least 5)")
     parser.add_argument("--rounds", type=int, default=40,
                         help="interleaved rounds of (a) (at least 5)")
     parser.add_argument("--json", help="also write the results to this file")
@@ -282,6 +354,9 @@ def main(argv=None):
         bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
         results["bc"] = bc
         _table("(b, c) fit step, 2x LSTM(256), 100x32 inputs, batch 64, XLA; ratio to Adam", bc)
+        if "c" in args.parts:
+            for label in (MONITOR, LOGGER_100):
+                print(f"(c) {label}: {bc[label]['over_b']:+.3f} over GlobalNormClip alone")
     if "d" in args.parts:
         results["d"] = part_d()
         _table("(d) memory in the (a) loop, MB: optimizer state, a step's peak on top, process growth",
