@@ -60,10 +60,11 @@ class Clipper:
     gradients.
 
     Subclasses implement `init_state`, `update` and `get_config`. A rule that
-    clips each tensor on its own, given the step's threshold, sets
-    `per_tensor = True` and implements `step_threshold` and `clip_tensor`
-    instead of `update`: the optimizer then clips each tensor right before
-    its own update, while the tensor is in cache.
+    clips each tensor on its own, given the step's threshold (its only state,
+    `{"threshold": ...}`), sets `per_tensor = True` and implements
+    `step_threshold` and `clip_tensor` instead of `update`: the optimizer then
+    clips each tensor right before its own update, while the tensor is in
+    cache.
     """
 
     _variables = None
