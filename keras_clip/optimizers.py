@@ -21,6 +21,7 @@ from keras_clip import stats
 from keras_clip.clippers import GlobalNormClip
 from keras_clip.clippers import NormClip
 from keras_clip.clippers import ValueClip
+from keras_clip.clippers.base import per_tensor_info
 
 NONFINITE = ("skip", "zero", "propagate")
 
@@ -482,7 +483,7 @@ class _TensorClip:
                 f"{len(self.variables)} variables through it."
             )
         squares_after, flags = zip(*(self.results[i] for i in range(len(self.results))))
-        return clippers.per_tensor_info(list(squares_after), list(flags))
+        return per_tensor_info(list(squares_after), list(flags))
 
 
 def _constant(value):

@@ -7,7 +7,6 @@ from keras_clip.clippers.adaptive import AdaGC
 from keras_clip.clippers.adaptive import AutoClip
 from keras_clip.clippers.adaptive import ZClip
 from keras_clip.clippers.base import Clipper
-from keras_clip.clippers.base import per_tensor_info
 from keras_clip.clippers.fixed import AdaptiveGradClip
 from keras_clip.clippers.fixed import GlobalNormClip
 from keras_clip.clippers.fixed import NormClip
