@@ -210,7 +210,26 @@ class ClippingMixin:
         if replica is not None:
             grads = backend.all_reduce_sum(replica, grads)
         values, rewrap = backend.split_sparse(grads)
-        squares = kc_ops._sq_norms(values)
+        current = {k: v.value for k, v in self._clip_state.items()}
+        old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
+        # A per-tensor rule clips each gradient in `update_step` (see below),
+        # except under `tf.distribute`; the sums it needs are taken here.
+        per_tensor = (
+            not backend.has_strategy()
+            and self.clipper is not None
+            and self.clipper.per_tensor
+        )
+        threshold = (
+            self.clipper.step_threshold(current, self.iterations)
+            if per_tensor else None
+        )
+        terms = self.clipper.tensor_terms(threshold) if per_tensor else ()
+        if terms:
+            columns = [kc_ops._sums(g, (_square, *terms)) for g in values]
+            squares = ops.stack([c[0] for c in columns])
+            sums = ops.stack([ops.stack(c[1:]) for c in columns])
+        else:
+            squares, sums = kc_ops._sq_norms(values), None
         norm = ops.sqrt(ops.sum(squares))
         finite = ops.isfinite(norm)
         for probe in self._gradient_probes:
@@ -224,10 +243,10 @@ class ClippingMixin:
             values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
             norm_in = ops.where(finite, norm, ops.zeros_like(norm))
             squares_in = ops.where(finite, squares, ops.zeros_like(squares))
+            if sums is not None:
+                sums = ops.where(finite, sums, ops.zeros_like(sums))
         else:
             norm_in, squares_in = norm, squares
-        current = {k: v.value for k, v in self._clip_state.items()}
-        old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
 
         def clip():
             if self.clipper is None:
@@ -265,14 +284,13 @@ class ClippingMixin:
             # (Not under a one-device `tf.distribute` strategy: Keras's weight
             # decay cannot run inside its per-variable update there.)
             chained = not backend.has_strategy()
-            per_tensor = (
-                chained and self.clipper is not None and self.clipper.per_tensor
-            )
             self.__dict__["_update_mask"] = finite if skip else None
             self.__dict__["_chain"] = backend.UpdateChain() if chained else None
             try:
                 if per_tensor:
-                    tensor_clip = _TensorClip(self, variables, current, squares_in)
+                    tensor_clip = _TensorClip(
+                        self, variables, threshold, squares_in, sums
+                    )
                     self.__dict__["_tensor_clip"] = tensor_clip
                     new_state = {"threshold": ops.where(
                         finite, tensor_clip.threshold, old_threshold
@@ -453,14 +471,15 @@ class _TensorClip:
     are collected for the statistics.
     """
 
-    def __init__(self, optimizer, variables, state, squares):
+    def __init__(self, optimizer, variables, threshold, squares, sums):
         self.clipper = optimizer.clipper
-        self.threshold = self.clipper.step_threshold(state, optimizer.iterations)
+        self.threshold = threshold
         self.variables = variables
         self.position = {
             optimizer._get_variable_index(v): i for i, v in enumerate(variables)
         }
         self.squares = squares
+        self.sums = sums
         self.results = {}
 
     def __call__(self, gradient, variable, index, chain):
@@ -470,6 +489,7 @@ class _TensorClip:
         param = chain.after_previous(backend.read(variable))
         clipped, square_after, flag = self.clipper.clip_tensor(
             values, param, self.threshold, square=self.squares[i],
+            sums=() if self.sums is None else tuple(ops.unstack(self.sums[i])),
             path=self.variables[i].path,
         )
         self.results[i] = (square_after, flag)
@@ -484,6 +504,10 @@ class _TensorClip:
             )
         squares_after, flags = zip(*(self.results[i] for i in range(len(self.results))))
         return per_tensor_info(list(squares_after), list(flags))
+
+
+def _square(x):
+    return ops.square(ops.cast(x, "float32"))
 
 
 def _constant(value):

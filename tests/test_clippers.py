@@ -284,3 +284,31 @@ def test_large_tensor_norms_match_numpy(shape):
     np.testing.assert_allclose(float(kc.ops.global_norm([g])), np_norm(g), rtol=1e-6)
     clipped = np.asarray(kc.ops.clip_by_norm([g], 1.0)[0])
     np.testing.assert_allclose(np_norm(clipped), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(512, 256), (70_001,), (7,)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_value_clip_statistics_match_numpy(shape, jit):
+    # The optimizer takes ValueClip's statistics in the norms' pass (one
+    # product over the gradient, for large tensors): they must be those of
+    # the clipped gradient. One element just above the bound moves the sum
+    # of squares by less than its rounding: the step still counts as clipped.
+    g = np.random.default_rng(1).uniform(-0.5, 0.5, shape).astype("float32")
+    g.flat[3] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    opt = kc.ClippedSGD(0.0, clipper=kc.ValueClip(1.0))
+    w = keras.Variable(np.zeros(shape, "float32"))
+    opt.build([w])
+    step = lambda: opt.apply([g], [w])  # noqa: E731
+    if jit:
+        import tensorflow as tf
+
+        step = tf.function(step, jit_compile=True)
+    step()
+    stats = opt.gradient_stats()
+    assert stats["clipped_steps"] == 1
+    np.testing.assert_allclose(stats["grad_norm"], np_norm(g), rtol=1e-6)
+    np.testing.assert_allclose(
+        stats["clipped_grad_norm"], np_norm(np.clip(g, -1, 1)), rtol=1e-6
+    )
+    opt.apply([np.clip(g, -1, 1)], [w])
+    assert opt.gradient_stats()["clipped_steps"] == 1

@@ -155,3 +155,19 @@ def test_step_allocates_no_gradient_sized_buffer(name):
     # a few variables that still share a buffer: hence the looser bound.)
     assert peaks[0] < 8 * 2**20, peaks
     assert max(peaks[1:]) < 2**19, peaks  # under half of one gradient
+
+
+def test_value_clip_takes_its_statistics_in_the_norms_pass():
+    # ValueClip's clipped sum of squares and its count of moved elements come
+    # from the product that takes the norms: one dot per gradient, as many as
+    # global-norm clipping has (a sum of its own would be another pass).
+    def dots(clipper):
+        opt = kc.ClippedAdam(1e-3, clipper=clipper)
+        variables = [keras.Variable(np.ones(1 << 16, "float32")) for _ in range(2)]
+        grads = [tf.constant(np.full(1 << 16, 2.0, "float32")) for _ in range(2)]
+        opt.build(variables)
+        fn = tf.function(lambda gs: opt.apply(gs, variables), jit_compile=True)
+        hlo = fn.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
+        return sum(" dot(" in line for line in hlo.splitlines())
+
+    assert dots(kc.ValueClip(1.0)) == dots(kc.GlobalNormClip(1.0)) == 2

@@ -6,6 +6,7 @@ from keras.optimizers.schedules import LearningRateSchedule
 
 from keras_clip import _checks
 from keras_clip.ops import _sq_norm
+from keras_clip.ops import _sums
 
 
 class Threshold:
@@ -64,7 +65,9 @@ class Clipper:
     `{"threshold": ...}`), sets `per_tensor = True` and implements
     `step_threshold` and `clip_tensor` instead of `update`: the optimizer then
     clips each tensor right before its own update, while the tensor is in
-    cache.
+    cache. Sums over each gradient that such a rule needs (e.g. for its
+    statistics) are declared by `tensor_terms`: the optimizer takes them in
+    the pass that takes the norms, which reads every gradient anyway.
     """
 
     _variables = None
@@ -100,14 +103,16 @@ class Clipper:
         threshold = self.step_threshold(state, step)
         if params is None:
             params = [None] * len(grads)
+        terms = self.tensor_terms(threshold)
         clipped, squares_after, flags = [], [], []
         for i, (g, p) in enumerate(zip(grads, params)):
             square = _sq_norm(g) if squares is None else squares[i]
+            sums = tuple(_sums(g, terms)) if terms else ()
             path = getattr(p, "path", None) or getattr(p, "name", None)
             value = getattr(p, "value", p)  # a weight with a value, or a tensor
             value = p if callable(value) else value  # (a tf.Variable's is a method)
             out, square_after, flag = self.clip_tensor(
-                g, value, threshold, square=square, path=path
+                g, value, threshold, square=square, sums=sums, path=path
             )
             clipped.append(out)
             squares_after.append(square_after)
@@ -118,7 +123,15 @@ class Clipper:
         """This step's threshold, for `per_tensor` rules (float32 scalar)."""
         raise NotImplementedError
 
-    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+    def tensor_terms(self, threshold):
+        """Elementwise functions of a gradient whose sums `clip_tensor` needs.
+
+        For `per_tensor` rules: each function maps a float32 gradient to a
+        tensor of its shape. Defaults to none.
+        """
+        return ()
+
+    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
         """Clips one tensor, for `per_tensor` rules.
 
         Args:
@@ -127,6 +140,8 @@ class Clipper:
                 need weights read it.
             threshold: This step's threshold, from `step_threshold`.
             square: Float32 scalar, the sum of squares of `grad`.
+            sums: Float32 scalars, the sums over `grad` of the functions
+                from `tensor_terms(threshold)`, in order.
             path: The weight's variable path, or `None`.
 
         Returns:

@@ -48,11 +48,22 @@ class ValueClip(Clipper):
     def step_threshold(self, state, step):
         return self._threshold_value(self.max_value, state, step)
 
-    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+    def tensor_terms(self, threshold):
+        # The clipped tensor's squares and how many elements clipping moves,
+        # summed in the pass that takes the norms: no pass of their own.
+        def clipped_square(g):
+            (clipped,) = kc_ops.clip_by_value([g], threshold)
+            return ops.square(ops.cast(clipped, "float32"))
+
+        def moved(g):
+            return ops.abs(g) > ops.cast(threshold, g.dtype)
+
+        return (clipped_square, moved)
+
+    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
         (clipped,) = kc_ops.clip_by_value([grad], threshold)
-        square_after = kc_ops._sq_norm(clipped)
-        # Clipping an element lowers the sum, so no extra pass for the flag.
-        return clipped, square_after, square_after < square
+        square_after, moved = sums
+        return clipped, square_after, moved > 0
 
     def get_config(self):
         return {"max_value": self._serialize(self.max_value)}
@@ -88,7 +99,7 @@ class NormClip(Clipper):
     def step_threshold(self, state, step):
         return self._threshold_value(self.max_norm, state, step)
 
-    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
         norm = ops.sqrt(square)
         clipped = kc_ops._mul(grad, kc_ops._scale(norm, threshold))
         return clipped, ops.square(ops.minimum(norm, threshold)), norm > threshold
@@ -197,7 +208,7 @@ class AdaptiveGradClip(Clipper):
     def step_threshold(self, state, step):
         return self._threshold_value(self.clip_factor, state, step)
 
-    def clip_tensor(self, grad, param, threshold, *, square, path=None):
+    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
         if any(p.search(path or "") for p in self._patterns):
             return grad, square, ops.array(False)
         whole = len(grad.shape) <= 1 and self.axis is None
