@@ -117,6 +117,9 @@ def part_a(rounds, calls=5):
     # first write (the norm), then the update in our order; nothing else.
     floor = _chained_adam(norm_first=True)
     steps[FLOOR] = lambda: floor.apply(grads, variables)
+    # ... and each weight's norm right before its update: the least for AGC.
+    floor_agc = _chained_adam(norm_first=True, weight_norms=True)
+    steps[FLOOR_AGC] = lambda: floor_agc.apply(grads, variables)
     for name, step in steps.items():
         steps[name] = tf.function(step, jit_compile=True)
         for _ in range(3):
@@ -139,16 +142,18 @@ def part_a(rounds, calls=5):
 UPDATE_ALONE = "(Adam's update in keras-clip's order, alone)"
 NORM_ALONE = "(the gradients' norm, alone)"
 FLOOR = "(the norm, then the update: the least with skip)"
+FLOOR_AGC = "(the same and each weight's norm: the least for AGC)"
 
 
-def _chained_adam(norm_first=False):
+def _chained_adam(norm_first=False, weight_norms=False):
     """Keras's Adam, updating in keras-clip's order, with nothing else.
 
     The update part of a `ClippedAdam` step (see `keras_clip.backend.
     UpdateChain`): no clipping, no statistics, and no norm unless
     `norm_first`: then every gradient waits for the global norm (through a
     select on a predicate that is always false), as in a step that skips
-    non-finite gradients.
+    non-finite gradients. With `weight_norms`, each gradient also waits for
+    its weight's norm, taken right before its update, as AGC's does.
     """
     import keras
     import tensorflow as tf
@@ -161,8 +166,7 @@ def _chained_adam(norm_first=False):
 
         def _backend_update_step(self, grads, variables, learning_rate):
             if norm_first:
-                norm = kc.ops.global_norm(grads)
-                never = tf.logical_and(tf.not_equal(norm, norm), tf.equal(norm, norm))
+                never = _never(kc.ops.global_norm(grads))
                 grads = [tf.where(never, -g, g) for g in grads]
             self.chain = backend.UpdateChain()
             try:
@@ -174,10 +178,23 @@ def _chained_adam(norm_first=False):
             if self.chain is None:
                 return super().update_step(gradient, variable, learning_rate)
             gradient = self.chain.after_previous(gradient)
+            done = ()
+            if weight_norms:
+                weight = self.chain.after_previous(backend.read(variable))
+                weight_norm = kc.ops.global_norm([weight])
+                gradient = tf.where(_never(weight_norm), -gradient, gradient)
+                done = (weight_norm,)
             super().update_step(gradient, variable, learning_rate)
-            self.chain.link(variable)
+            self.chain.link(variable, *done)
 
     return ChainedAdam(1e-3)
+
+
+def _never(x):
+    """False, but XLA cannot know it: `x != x and x == x`."""
+    import tensorflow as tf
+
+    return tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))
 
 
 class _StepTimer:
