@@ -126,8 +126,9 @@ class Clipper:
     def tensor_terms(self, threshold):
         """Elementwise functions of a gradient whose sums `clip_tensor` needs.
 
-        For `per_tensor` rules: each function maps a float32 gradient to a
-        tensor of its shape. Defaults to none.
+        For `per_tensor` rules: each function maps a gradient (in its own
+        dtype) to a tensor of its shape, whose values are summed in float32.
+        Defaults to none.
         """
         return ()
 
