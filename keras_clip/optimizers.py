@@ -214,10 +214,9 @@ class ClippingMixin:
         old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
         # A per-tensor rule clips each gradient in `update_step` (see below),
         # except under `tf.distribute`; the sums it needs are taken here.
+        chained = not backend.has_strategy()
         per_tensor = (
-            not backend.has_strategy()
-            and self.clipper is not None
-            and self.clipper.per_tensor
+            chained and self.clipper is not None and self.clipper.per_tensor
         )
         threshold = (
             self.clipper.step_threshold(current, self.iterations)
@@ -283,7 +282,6 @@ class ClippingMixin:
             # update.
             # (Not under a one-device `tf.distribute` strategy: Keras's weight
             # decay cannot run inside its per-variable update there.)
-            chained = not backend.has_strategy()
             self.__dict__["_update_mask"] = finite if skip else None
             self.__dict__["_chain"] = backend.UpdateChain() if chained else None
             try:
