@@ -286,12 +286,13 @@ def test_large_tensor_norms_match_numpy(shape):
     np.testing.assert_allclose(np_norm(clipped), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(512, 256), (70_001,), (7,)])
+@pytest.mark.parametrize("shape", [(512, 256), (257, 256), (70_001,), (7,)])
 @pytest.mark.parametrize("jit", [False, True])
 def test_value_clip_statistics_match_numpy(shape, jit):
     # The optimizer takes ValueClip's statistics in the norms' pass (one
-    # product over the gradient, for large tensors): they must be those of
-    # the clipped gradient. One element just above the bound moves the sum
+    # product over the gradient, for large tensors: rows of 1024, or of 256
+    # for (257, 256); a reduce for an odd size): they must be those of the
+    # clipped gradient. One element just above the bound moves the sum
     # of squares by less than its rounding: the step still counts as clipped.
     g = np.random.default_rng(1).uniform(-0.5, 0.5, shape).astype("float32")
     g.flat[3] = np.nextafter(np.float32(1.0), np.float32(2.0))
