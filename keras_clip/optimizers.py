@@ -275,8 +275,8 @@ class ClippingMixin:
         if replica is None:
             # A skipped step runs like any other, with every assignment masked
             # (see `assign`): no `cond`, so XLA fuses the mask into the update.
-            # Each variable is decayed and updated in `update_step`, one after
-            # the other (see `backend.UpdateChain`), in reverse: the gradients
+            # Each variable is decayed and updated in `update_step`, in order,
+            # two at a time (see `backend.UpdateChain`), in reverse: the gradients
             # the norm read last are still in cache when their update runs. A
             # per-tensor rule clips each gradient there too, right before its
             # update.

@@ -23,32 +23,44 @@ def _entry_lines(hlo):
 
 def test_chain_dependency_survives_xla():
     # Without the chain, XLA schedules every variable's first fusion before
-    # any second one. The chain's token must survive XLA's simplifier: the
-    # second gradient's output depends on the first variable's value.
-    def step(g, w):
+    # any second one. The chain's token must survive XLA's simplifier: with
+    # two lanes, the third gradient's output depends on the first variable's
+    # value, and not on the second's (that one is the other lane's).
+    def step(g, w1, w2):
         chain = backend.UpdateChain()
-        chain.link(w)
+        chain.link(w1)
+        chain.link(w2)
         return chain.after_previous(g)
 
     fn = tf.function(step, jit_compile=True)
     g = tf.constant(np.arange(8, dtype="float32"))
-    w = tf.Variable(np.ones(8, "float32"))
-    hlo = fn.experimental_get_compiler_ir(g, w)(stage="optimized_hlo")
+    w1 = tf.Variable(np.ones(8, "float32"))
+    w2 = tf.Variable(np.ones(8, "float32"))
+    hlo = fn.experimental_get_compiler_ir(g, w1, w2)(stage="optimized_hlo")
     lines = _entry_lines(hlo)
-    params = [line.split(" = ")[0] for line in lines if "parameter(" in line]
-    assert len(params) == 2
-    uses = {p: sum(p + ")" in line or p + "," in line for line in lines) for p in params}
-    assert all(count >= 1 for count in uses.values()), hlo
+    params = {
+        int(line.split("parameter(")[1].split(")")[0]): line.split(" = ")[0]
+        for line in lines
+        if "parameter(" in line
+    }
+    uses = {
+        i: sum(p + ")" in line or p + "," in line for line in lines)
+        for i, p in params.items()
+    }
+    assert uses.get(0, 0) >= 1 and uses.get(1, 0) >= 1, hlo  # g, w1
+    assert uses.get(2, 0) == 0, hlo  # w2
 
 
 @pytest.mark.parametrize("clipper", [None, "value", "agc"])
-def test_optimizer_updates_variables_one_after_the_other(clipper):
-    # Two variables, plain SGD: one update fusion each. Chained, the second
-    # reads the first one's output (in reverse order: the norm pass read the
-    # last gradients last, so their updates go first).
+def test_optimizer_updates_variables_in_order_two_at_a_time(clipper):
+    # Three variables, plain SGD: one update fusion each. Chained in two
+    # lanes, the third update reads the first one's output (in reverse
+    # order: the norm pass read the last gradients last, so their updates go
+    # first), and the second reads none: one update is waited for. (AGC
+    # scales the third gradient in a fusion of its own, which waits too.)
     opt = kc.ClippedSGD(0.1, clipper=clipper)
-    variables = [keras.Variable(np.ones(1024, "float32")) for _ in range(2)]
-    grads = [tf.constant(np.full(1024, 0.5, "float32")) for _ in range(2)]
+    variables = [keras.Variable(np.full(1024, i + 1.0, "float32")) for i in range(3)]
+    grads = [tf.constant(np.full(1024, 0.5, "float32")) for _ in range(3)]
     opt.build(variables)
     fn = tf.function(lambda gs: opt.apply(gs, variables), jit_compile=True)
     hlo = fn.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
@@ -56,14 +68,15 @@ def test_optimizer_updates_variables_one_after_the_other(clipper):
     for line in _entry_lines(hlo):
         name, _, rest = line.partition(" = ")
         if rest.startswith("f32[1024]{0} fusion("):
-            updates[name] = rest
-    assert len(updates) >= 2, hlo
-    assert any(
-        other + ")" in rest or other + "," in rest
+            updates[name] = rest.split("), kind=")[0]
+    assert len(updates) >= 3, hlo
+    waits = [
+        (name, other)
         for name, rest in updates.items()
         for other in updates
-        if other != name
-    ), hlo
+        if other != name and (other + ")" in rest or other + "," in rest)
+    ]
+    assert len({other for _, other in waits}) == 1, hlo
 
 
 def test_chain_changes_no_bit():
@@ -75,7 +88,10 @@ def test_chain_changes_no_bit():
         def step(g):
             chain = backend.UpdateChain()
             chain.link(w)
-            return chain.after_previous(g)
+            chain.link(w)
+            out = chain.after_previous(g)
+            assert out is not g  # the select is there
+            return out
 
         out = step(tf.constant(values)).numpy()
         assert out.tobytes() == values.tobytes(), (first, out)

@@ -182,49 +182,60 @@ def cross_replica_decay(distribution, variable, weight_decay, learning_rate):
 
 
 class UpdateChain:
-    """Makes XLA update the variables one after the other.
+    """Makes XLA update the variables in order, two at a time.
 
     XLA's CPU scheduler runs independent work as early as it can: every
     variable's first update fusion, then every second one, so each fusion
     reads from memory what an earlier one wrote long before. Passing each
     gradient through a select on a predicate that is always false but that
-    XLA cannot fold (`w0 != w0 and w0 == w0`, with `w0` the previous
-    variable's new first element) makes it wait for the previous update and
-    keeps one variable's fusions together, while its slots are in cache. The
-    gradient comes through bit for bit, and the update's arithmetic is
-    untouched (a multiply by one changed how LLVM fused Lion's multiply-adds).
+    XLA cannot fold (`w0 != w0 and w0 == w0`, with `w0` an earlier variable's
+    new first element) makes it wait for that update and keeps one
+    variable's fusions together, while its slots are in cache. The gradient
+    comes through bit for bit, and the update's arithmetic is untouched (a
+    multiply by one changed how LLVM fused Lion's multiply-adds).
+
+    Each variable waits for the one `lanes` places before it, not the one
+    right before: with two lanes XLA runs one variable's fusion while the
+    other's waits for its threads. (On 64 x 262,144 float32 with Adam, the
+    norm then the update took 1.067 of Adam's step with one lane, 1.017 with
+    two and 1.039 with four; with one lane a thread taken by another process
+    stalled the whole update.)
     """
 
-    def __init__(self):
-        self._never = None
+    def __init__(self, lanes=2):
+        self._lanes = [None] * lanes
+        self._count = 0
 
     def after_previous(self, gradient):
-        """`gradient`, made to wait for the previously linked variable."""
-        if self._never is None or keras.backend.backend() != "tensorflow":
+        """`gradient`, made to wait for the variable `lanes` links back."""
+        never = self._lanes[self._count % len(self._lanes)]
+        if never is None or keras.backend.backend() != "tensorflow":
             return gradient
         import tensorflow as tf
 
         if isinstance(gradient, tf.IndexedSlices):
             values = self.after_previous(gradient.values)
             return tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
-        return tf.where(self._never, -gradient, gradient)
+        return tf.where(never, -gradient, gradient)
 
     def link(self, variable, *scalars):
-        """The next `after_previous` waits for `variable`'s current value.
+        """The variable `lanes` links later waits for `variable`'s new value.
 
-        It also waits for `scalars` (e.g. a sum over the last gradient): XLA
-        then computes them while that gradient is in cache.
+        It also waits for `scalars` (e.g. a sum over this variable's
+        gradient): XLA then computes them while that gradient is in cache.
         """
         if keras.backend.backend() != "tensorflow":
             return
         import tensorflow as tf
 
+        lane = self._count % len(self._lanes)
+        self._count += 1
         value = read(variable)
-        if value.shape.num_elements() == 0:
+        if value.shape.num_elements() == 0:  # the lane keeps its last wait
             return
         never = None
         for x in [tf.reshape(value, [-1])[0], *scalars]:
             x = tf.convert_to_tensor(x)
             cut = tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))
             never = cut if never is None else tf.logical_and(never, cut)
-        self._never = never
+        self._lanes[lane] = never
