@@ -207,7 +207,7 @@ class UpdateChain:
         self._count = 0
 
     def after_previous(self, gradient):
-        """`gradient`, made to wait for the variable `lanes` links back."""
+        """`gradient`, made to wait for the variable `lanes` places before it."""
         never = self._lanes[self._count % len(self._lanes)]
         if never is None or keras.backend.backend() != "tensorflow":
             return gradient
@@ -219,7 +219,7 @@ class UpdateChain:
         return tf.where(never, -gradient, gradient)
 
     def link(self, variable, *scalars):
-        """The variable `lanes` links later waits for `variable`'s new value.
+        """Makes the variable `lanes` places later wait for `variable`'s new value.
 
         It also waits for `scalars` (e.g. a sum over this variable's
         gradient): XLA then computes them while that gradient is in cache.
