@@ -172,7 +172,7 @@ def _chained_adam(norm_first=False, weight_norms=False):
 
         def _backend_update_step(self, grads, variables, learning_rate):
             if norm_first:
-                never = _never(kc.ops.global_norm(grads))
+                never = backend.opaque_false(kc.ops.global_norm(grads))
                 grads = [tf.where(never, -g, g) for g in grads]
             self.chain = backend.UpdateChain()
             try:
@@ -188,19 +188,12 @@ def _chained_adam(norm_first=False, weight_norms=False):
             if weight_norms:
                 weight = self.chain.after_previous(backend.read(variable))
                 weight_norm = kc.ops.global_norm([weight])
-                gradient = tf.where(_never(weight_norm), -gradient, gradient)
+                gradient = tf.where(backend.opaque_false(weight_norm), -gradient, gradient)
                 done = (weight_norm,)
             super().update_step(gradient, variable, learning_rate)
             self.chain.link(variable, *done)
 
     return ChainedAdam(1e-3)
-
-
-def _never(x):
-    """False, but XLA cannot know it: `x != x and x == x`."""
-    import tensorflow as tf
-
-    return tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))
 
 
 class _StepTimer:

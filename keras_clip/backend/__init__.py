@@ -235,7 +235,14 @@ class UpdateChain:
             return
         never = None
         for x in [tf.reshape(value, [-1])[0], *scalars]:
-            x = tf.convert_to_tensor(x)
-            cut = tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))
+            cut = opaque_false(x)
             never = cut if never is None else tf.logical_and(never, cut)
         self._lanes[lane] = never
+
+
+def opaque_false(x):
+    """False, but XLA cannot know it: `x != x and x == x` (TensorFlow)."""
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    return tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))
