@@ -11,7 +11,10 @@
    - the gradients' sum of squares;
    - that sum, then the one-loop update, last variable first: the least a
      step that skips non-finite gradients does (every gradient is read before
-     the first weight is written).
+     the first weight is written);
+   - the same with each weight's sum of squares taken right before its
+     update: the least adaptive gradient clipping (AGC) does;
+   - both again with the three-loop update, against the three loops.
    Not part of the test run. */
 
 #include <math.h>
@@ -55,6 +58,43 @@ static float sum_of_squares(const float *restrict g) {
   return s;
 }
 
+static void adam_three_loops_scaled(const float *restrict g, float *restrict m,
+                                    float *restrict v, float *restrict w,
+                                    float scale) {
+#pragma omp parallel for schedule(static)
+  for (long i = 0; i < SIZE; i++) m[i] += (g[i] * scale - m[i]) * (1 - B1);
+#pragma omp parallel for schedule(static)
+  for (long i = 0; i < SIZE; i++) {
+    float gi = g[i] * scale;
+    v[i] += (gi * gi - v[i]) * (1 - B2);
+  }
+#pragma omp parallel for schedule(static)
+  for (long i = 0; i < SIZE; i++) w[i] -= LR * m[i] / (sqrtf(v[i]) + EPS);
+}
+
+/* The sum of squares, then every variable's update, last first; with
+   `weight_norms`, each scaled by AGC's factor from its weight's norm. */
+static double floor_step(float *g, float *m, float *v, float *w, int three,
+                         int weight_norms) {
+  double t = omp_get_wtime();
+  float s = 0, squares[VARS];
+  for (int k = 0; k < VARS; k++) s += squares[k] = sum_of_squares(g + k * SIZE);
+  float scale = isfinite(s) ? 1.0f : 0.0f;
+  for (int k = VARS - 1; k >= 0; k--) {
+    float f = scale;
+    if (weight_norms) {
+      float gn = sqrtf(squares[k]);
+      float bound = 0.01f * fmaxf(sqrtf(sum_of_squares(w + k * SIZE)), 1e-3f);
+      f = gn > bound ? scale * bound / gn : scale;
+    }
+    if (three)
+      adam_three_loops_scaled(g + k * SIZE, m + k * SIZE, v + k * SIZE, w + k * SIZE, f);
+    else
+      adam_one_loop(g + k * SIZE, m + k * SIZE, v + k * SIZE, w + k * SIZE, f);
+  }
+  return omp_get_wtime() - t + 0 * s;
+}
+
 static float *array(float value, int wave) {
   float *a = aligned_alloc(64, VARS * SIZE * sizeof(float));
   for (long i = 0; i < VARS * SIZE; i++) a[i] = wave ? value * sinf(i) : value;
@@ -64,7 +104,7 @@ static float *array(float value, int wave) {
 int main(void) {
   float *g = array(1.0f, 1), *m = array(0.0f, 0), *v = array(0.0f, 0);
   float *w = array(0.01f, 1);
-  double best[4] = {1e9, 1e9, 1e9, 1e9};
+  double best[7] = {1e9, 1e9, 1e9, 1e9, 1e9, 1e9, 1e9};
   volatile float sink = 0;
   for (int run = 0; run < RUNS; run++) {
     double t = omp_get_wtime();
@@ -91,12 +131,22 @@ int main(void) {
       adam_one_loop(g + k * SIZE, m + k * SIZE, v + k * SIZE, w + k * SIZE, scale);
     best[3] = fmin(best[3], omp_get_wtime() - t);
     sink = s;
+
+    best[4] = fmin(best[4], floor_step(g, m, v, w, 0, 1));
+    best[5] = fmin(best[5], floor_step(g, m, v, w, 1, 0));
+    best[6] = fmin(best[6], floor_step(g, m, v, w, 1, 1));
   }
   printf("Adam, one loop per variable:        %6.2f ms\n", best[0] * 1e3);
   printf("Adam, three loops per variable:     %6.2f ms\n", best[1] * 1e3);
   printf("the gradients' sum of squares:      %6.2f ms\n", best[2] * 1e3);
   printf("the sum, then the one-loop update:  %6.2f ms (%.2f of the one loop)\n",
          best[3] * 1e3, best[3] / best[0]);
+  printf("... and each weight's norm (AGC):   %6.2f ms (%.2f of the one loop)\n",
+         best[4] * 1e3, best[4] / best[0]);
+  printf("the sum, then the three loops:      %6.2f ms (%.2f of the three loops)\n",
+         best[5] * 1e3, best[5] / best[1]);
+  printf("... and each weight's norm (AGC):   %6.2f ms (%.2f of the three loops)\n",
+         best[6] * 1e3, best[6] / best[1]);
   (void)sink;
   return 0;
 }
