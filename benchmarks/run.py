@@ -1,6 +1,6 @@
 """keras-clip benchmarks: step time and memory as ratios to plain Adam.
 
-    python benchmarks/run.py [--parts a b c d] [--rounds 40] [--repeats 12] [--json out.json]
+    python benchmarks/run.py [--parts a b c d] [--rounds 120] [--repeats 12] [--json out.json]
 
 (a) the optimizer step alone: 64 tensors of 262,144 float32 (16.8M
     parameters), one XLA-compiled `apply`;
@@ -12,9 +12,11 @@
     peak), and the process's growth (the compiler's memory included).
 
 Every time is the median over repeats (after warm-up) of the per-step time,
-divided by plain Adam's measured in the same process and the same repeat;
-min and max of the per-repeat ratios are shown too, and for (a) the ratio
-to the floor (the least step that may skip, see `FLOOR`). (a) runs `--rounds`
+divided by plain Adam's measured in the same process and the same repeat,
+with a 95% bootstrap interval for that median (`lo`, `hi`); min and max of
+the per-repeat ratios are shown too, and for (a) the ratio to the floor (the
+least step that may skip, see `FLOOR`). A last table holds each of the
+issue's targets against its median and interval. (a) runs `--rounds`
 rounds in which every configuration is timed for 5 calls in a fresh random
 order; (b, c) run `--repeats` such rounds of 3 `fit` steps each (after
 one left out).
@@ -68,17 +70,66 @@ def _optimizer(name):
     return eval(STEP_CONFIGS[name])
 
 
+def _interval(values, resamples=2000):
+    """A 95% bootstrap interval for the median of `values` (seeded)."""
+    values = np.asarray(values)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(values), (resamples, len(values)))
+    medians = np.median(values[picks], axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
 def _summary(times, base):
-    """Median, min and max of per-repeat ratios to the base configuration."""
+    """Median, min and max of per-repeat ratios to the base configuration,
+    and a 95% interval for the median (`lo`, `hi`)."""
     out = {}
     for name, ts in times.items():
         ratios = np.array(ts) / np.array(times[base])
+        lo, hi = _interval(ratios)
         out[name] = {
             "ms": float(np.median(ts) * 1e3),
             "ratio": float(np.median(ratios)),
+            "lo": lo,
+            "hi": hi,
             "min": float(ratios.min()),
             "max": float(ratios.max()),
         }
+    return out
+
+
+# The issue's targets: (part, row, key, bound). A target is met when the
+# median is within its bound; the 95% interval says whether the machine's
+# noise could have put it on the other side.
+TARGETS = [
+    ("a", "GlobalNormClip", "ratio", 1.03),
+    ("a", "NormClip", "ratio", 1.03),
+    ("a", "ValueClip", "ratio", 1.02),
+    ("a", "AdaptiveGradClip", "ratio", 1.10),
+    ("a", "AutoClip", "ratio", 1.05),
+    ("a", "ZClip", "ratio", 1.05),
+    ("a", "AdaGC", "ratio", 1.05),
+    ("bc", "GlobalNormClip", "ratio", 1.03),
+    ("bc", "NormClip", "ratio", 1.03),
+    ("bc", "ValueClip", "ratio", 1.03),
+    ("bc", "AdaptiveGradClip", "ratio", 1.03),
+]
+
+
+def _verdicts(results):
+    rows = list(TARGETS)
+    if "bc" in results and MONITOR in results["bc"]:
+        rows += [("bc", MONITOR, "over_b", 0.02), ("bc", LOGGER_100, "over_b", 0.03)]
+    out = []
+    for part, name, key, bound in rows:
+        if part not in results:
+            continue
+        row = results[part][name]
+        value = row[key]
+        lo, hi = (row["over_b_lo"], row["over_b_hi"]) if key == "over_b" else (row["lo"], row["hi"])
+        verdict = "met" if value <= bound else "not met"
+        if lo <= bound < hi:
+            verdict += " (within noise)"
+        out.append((part, name, key, bound, value, lo, hi, verdict))
     return out
 
 
@@ -283,6 +334,7 @@ def part_bc(rounds, steps=3, with_callbacks=True):
         for label in (MONITOR, LOGGER_100):
             added = np.array(times[label]) / np.array(times["GlobalNormClip"]) - 1
             out[label]["over_b"] = float(np.median(added))
+            out[label]["over_b_lo"], out[label]["over_b_hi"] = _interval(added)
     return out
 
 
@@ -340,7 +392,7 @@ def part_d():
     return out
 
 
-def _table(title, rows, keys=("ms", "ratio", "min", "max")):
+def _table(title, rows, keys=("ms", "ratio", "lo", "hi", "min", "max")):
     print(f"\n{title}")
     width = max(len(n) for n in rows) + 2
     print("".ljust(width) + "".join(k.rjust(13) for k in keys))
@@ -356,7 +408,7 @@ def main(argv=None):
                         choices=["a", "b", "c", "d"])
     parser.add_argument("--repeats", type=int, default=12,
                         help="interleaved rounds of (b, c) (at least 5)")
-    parser.add_argument("--rounds", type=int, default=40,
+    parser.add_argument("--rounds", type=int, default=120,
                         help="interleaved rounds of (a) (at least 5)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -384,18 +436,31 @@ def main(argv=None):
         results["a"] = part_a(args.rounds)
         _table("(a) optimizer step alone, 16.8M float32 params, XLA; ratio to Adam "
                "(floor: ratio to the least step with skip)", results["a"],
-               keys=("ms", "ratio", "min", "max", "floor"))
+               keys=("ms", "ratio", "lo", "hi", "min", "max", "floor"))
     if "b" in args.parts or "c" in args.parts:
         bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
         results["bc"] = bc
         _table("(b, c) fit step, 2x LSTM(256), 100x32 inputs, batch 64, XLA; ratio to Adam", bc)
         if "c" in args.parts:
             for label in (MONITOR, LOGGER_100):
-                print(f"(c) {label}: {bc[label]['over_b']:+.3f} over GlobalNormClip alone")
+                row = bc[label]
+                print(f"(c) {label}: {row['over_b']:+.3f} over GlobalNormClip alone "
+                      f"(95%: {row['over_b_lo']:+.3f} to {row['over_b_hi']:+.3f})")
     if "d" in args.parts:
         results["d"] = part_d()
         _table("(d) memory in the (a) loop, MB: optimizer state, a step's peak on top, process growth",
                results["d"], keys=("state_mb", "state_ratio", "step_peak_mb", "rss_mb"))
+    verdicts = _verdicts(results)
+    if verdicts:
+        print("\ntargets (median against the bound; 95% interval of the median)")
+        for part, name, key, bound, value, lo, hi, verdict in verdicts:
+            label = f"({part}) {name}" + (" [added]" if key == "over_b" else "")
+            print(f"{label:72s} {value:7.3f} <= {bound:.2f}?  "
+                  f"[{lo:.3f}, {hi:.3f}]  {verdict}")
+        results["targets"] = [
+            dict(zip(("part", "name", "key", "bound", "value", "lo", "hi", "verdict"), v))
+            for v in verdicts
+        ]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
