@@ -416,6 +416,41 @@ def test_fit_with_keras_tensorboard_in_the_same_run(tmp_path, jit):
     assert model.optimizer._gradient_probes == ()
 
 
+def test_fit_again_reuses_the_step_traced_with_the_probe(tmp_path):
+    model = functional_model()
+    opt = kc.ClippedSGD(0.01, global_clipnorm=1.0)
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    x, y = data()
+    logger = GradientHistogramLogger(tmp_path, freq=2)
+    # The probe runs in Python only while the step is traced.
+    traces = []
+    probe = logger._probe_fn
+    logger._probe_fn = lambda *args: traces.append(1) or probe(*args)
+
+    def fit(**kwargs):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, **kwargs)  # 3 steps
+
+    fit(callbacks=[logger])
+    assert traces and model.optimizer._gradient_probes == ()
+    plain, first = model.train_function, len(traces)
+    fit(callbacks=[logger])
+    assert len(traces) == first  # no new trace, no new compilation
+    assert model.train_function is plain
+    assert [s for s, _ in series(read_run(tmp_path), "gradients/hidden")] == [0, 2, 4]
+
+    # Without the logger the step runs without the probe: nothing is counted.
+    fit()
+    assert int(logger._counts_step.numpy()) == 4
+    assert model.optimizer._gradient_probes == ()
+
+    # A new train function (compile) is traced with the probe again.
+    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    fit(callbacks=[logger])
+    assert len(traces) > first
+    assert [s for s, _ in series(read_run(tmp_path), "gradients/hidden")] == [0, 2, 4, 10]
+    assert model.optimizer._gradient_probes == ()
+
+
 def test_fit_steps_per_execution_writes_the_logged_step(tmp_path):
     model = functional_model()
     model.compile(optimizer=kc.ClippedSGD(0.01), loss="mse", steps_per_execution=4)

@@ -264,6 +264,8 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         self._optimizer = None
         self._counts = None
         self._counts_step = None
+        # The train functions of the last `fit`, without and with the probe.
+        self._traced = None
         # One bound method, so that `remove_gradient_probe` finds it.
         self._probe_fn = self._probe
 
@@ -301,6 +303,23 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         opt = self._clipping_optimizer()
         if self._optimizer is not None:
             self._optimizer.remove_gradient_probe(self._probe_fn)
+        key = (opt, [id(v) for v in self.model.trainable_variables])
+        traced = self._traced
+        if (
+            traced is not None
+            and traced["key"][0] is opt
+            and traced["key"][1] == key[1]
+            and self.model.train_function is traced["plain"]
+        ):
+            # The same model, optimizer and variables as at the last `fit`,
+            # and the same train function then: the step traced with the
+            # probe still holds. Reusing it saves a trace and a compilation
+            # per `fit` call.
+            self._optimizer = opt
+            self._previous = self._read_steps(opt)
+            opt.add_gradient_probe(self._probe_fn)
+            self.model.train_function = traced["probed"]
+            return
         groups = {}
         for v in self.model.trainable_variables:
             groups.setdefault(self._group_name(v), []).append(v)
@@ -320,10 +339,14 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         self._written_step = -1
         self._optimizer = opt
         self._previous = self._read_steps(opt)
+        plain = self.model.train_function
         opt.add_gradient_probe(self._probe_fn)
         # Keras traces the train function on its first call; a new one makes
         # the probe part of it (also when a previous `fit` traced one).
         self.model.make_train_function(force=True)
+        self._traced = {
+            "key": key, "plain": plain, "probed": self.model.train_function,
+        }
 
     def on_train_batch_end(self, batch, logs=None):
         self._write_if_new()
@@ -337,8 +360,18 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         if self._optimizer is not None:
             self._optimizer.remove_gradient_probe(self._probe_fn)
             self._optimizer = None
-            # Later calls (another `fit`) trace a step without the probe.
-            self.model.make_train_function(force=True)
+            # Later calls (another `fit`) run a step without the probe: the
+            # one the model had before this `fit`, else a new trace.
+            traced = self._traced
+            if (
+                traced is not None
+                and traced["plain"] is not None
+                and self.model.train_function is traced["probed"]
+            ):
+                self.model.train_function = traced["plain"]
+            else:
+                self._traced = None
+                self.model.make_train_function(force=True)
         if self._writer_ is not None:
             self._writer_.close()
             self._writer_ = None
