@@ -5,7 +5,9 @@
 (a) the optimizer step alone: 64 tensors of 262,144 float32 (16.8M
     parameters), one XLA-compiled `apply`;
 (b) a whole `fit` step, `jit_compile=True`: 2-layer LSTM(256), sequences of
-    100 steps of 32 features, batch 64;
+    100 steps of 32 features, batch 64; and each optimizer's step alone on
+    the model's variables, the only part a clipper changes: what it adds to
+    Adam's, as a fraction of Adam's `fit` step, bounds what it can add to (b);
 (c) the (b) step with `GradientMonitor` and `GradientHistogramLogger(freq=100)`;
 (d) memory in the (a) loop, each optimizer in its own process: the tensors
     the optimizer keeps, the buffers a step allocates on top of them (its
@@ -173,6 +175,22 @@ def part_a(rounds, calls=5):
     # ... and each weight's norm right before its update: the least for AGC.
     floor_agc = _chained_adam(norm_first=True, weight_norms=True)
     steps[FLOOR_AGC] = lambda: floor_agc.apply(grads, variables)
+    times = _interleaved(steps, rounds, calls)
+    out = _summary(times, "Adam")
+    # How far each step is above the floor, round by round.
+    for name, row in out.items():
+        row["floor"] = float(np.median(np.array(times[name]) / np.array(times[FLOOR])))
+    return out
+
+
+def _interleaved(steps, rounds, calls):
+    """Compiles each step with XLA and times it, `calls` calls per round.
+
+    Returns each step's per-round median time, in seconds.
+    """
+    import tensorflow as tf
+
+    steps = dict(steps)
     for name, step in steps.items():
         steps[name] = tf.function(step, jit_compile=True)
         for _ in range(3):
@@ -189,11 +207,34 @@ def part_a(rounds, calls=5):
                 steps[name]()
                 ts.append(time.perf_counter() - t)
             times[name].append(float(np.median(ts)))
-    out = _summary(times, "Adam")
-    # How far each step is above the floor, round by round.
-    for name, row in out.items():
-        row["floor"] = float(np.median(np.array(times[name]) / np.array(times[FLOOR])))
-    return out
+    return times
+
+
+def _optimizer_steps(variables, rounds=40, calls=20):
+    """Each (b) optimizer's step alone, on copies of the model's variables.
+
+    The part of a `fit` step a clipper can change: its time, and its
+    difference to Adam's (round by round), in ms.
+    """
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    copies = [keras.Variable(np.asarray(v.numpy())) for v in variables]
+    grads = [
+        tf.constant(rng.standard_normal(v.shape).astype("float32") * 0.01)
+        for v in variables
+    ]
+    steps = {}
+    for name in FIT_CONFIGS:
+        opt = _optimizer(name)
+        steps[name] = lambda opt=opt: opt.apply(grads, copies)
+    times = _interleaved(steps, rounds, calls)
+    adam = np.array(times["Adam"])
+    return {
+        name: (float(np.median(ts) * 1e3), float(np.median(np.array(ts) - adam) * 1e3))
+        for name, ts in times.items()
+    }
 
 
 UPDATE_ALONE = "(Adam's update in keras-clip's order, alone)"
@@ -325,10 +366,16 @@ def part_bc(rounds, steps=3, with_callbacks=True):
             m.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False,
                   callbacks=cbs + [timer.callback])
             times[label].append(float(np.median(timer.callback.times[1:])))
+    # The optimizer's own share of the step: what a clipper can add to it.
+    alone = _optimizer_steps(runs["Adam"][0].trainable_variables)
     if with_callbacks:
         quiet, writing = np.array(times[LOGGER_100]), np.array(times[LOGGER_1])
         times[LOGGER_100] = list(quiet + np.maximum(writing - quiet, 0) / 100)
     out = _summary(times, "Adam")
+    for name, (ms, added_ms) in alone.items():
+        out[name]["opt_ms"] = ms
+        # The most the optimizer's step can move the `fit` step's ratio.
+        out[name]["opt_added"] = added_ms / out["Adam"]["ms"]
     if with_callbacks:
         # What a callback adds to the same step without it, round by round.
         for label in (MONITOR, LOGGER_100):
@@ -398,7 +445,10 @@ def _table(title, rows, keys=("ms", "ratio", "lo", "hi", "min", "max")):
     print("".ljust(width) + "".join(k.rjust(13) for k in keys))
     for name, row in rows.items():
         print(name.ljust(width) + "".join(
-            f"{row[k]:13.1f}" if k.endswith("mb") else f"{row[k]:13.3f}" for k in keys
+            f"{row[k]:13.1f}" if k.endswith("mb")
+            else f"{row[k]:+13.4f}" if k.endswith("added")
+            else f"{row[k]:13.3f}"
+            for k in keys
         ))
 
 
@@ -441,6 +491,9 @@ def main(argv=None):
         bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
         results["bc"] = bc
         _table("(b, c) fit step, 2x LSTM(256), 100x32 inputs, batch 64, XLA; ratio to Adam", bc)
+        _table("(b) the optimizer's step alone on the model's variables: ms, and what "
+               "it adds to Adam's as a fraction of Adam's fit step",
+               {n: bc[n] for n in FIT_CONFIGS}, keys=("opt_ms", "opt_added"))
         if "c" in args.parts:
             for label in (MONITOR, LOGGER_100):
                 row = bc[label]
@@ -455,8 +508,10 @@ def main(argv=None):
         print("\ntargets (median against the bound; 95% interval of the median)")
         for part, name, key, bound, value, lo, hi, verdict in verdicts:
             label = f"({part}) {name}" + (" [added]" if key == "over_b" else "")
+            added = results[part][name].get("opt_added") if key == "ratio" else None
+            share = "" if added is None else f"  (its optimizer step adds {added:+.4f})"
             print(f"{label:72s} {value:7.3f} <= {bound:.2f}?  "
-                  f"[{lo:.3f}, {hi:.3f}]  {verdict}")
+                  f"[{lo:.3f}, {hi:.3f}]  {verdict}{share}")
         results["targets"] = [
             dict(zip(("part", "name", "key", "bound", "value", "lo", "hi", "verdict"), v))
             for v in verdicts
