@@ -303,12 +303,12 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         opt = self._clipping_optimizer()
         if self._optimizer is not None:
             self._optimizer.remove_gradient_probe(self._probe_fn)
-        key = (opt, [id(v) for v in self.model.trainable_variables])
+        variables = [id(v) for v in self.model.trainable_variables]
         traced = self._traced
         if (
             traced is not None
-            and traced["key"][0] is opt
-            and traced["key"][1] == key[1]
+            and traced["optimizer"] is opt
+            and traced["variables"] == variables
             and self.model.train_function is traced["plain"]
         ):
             # The same model, optimizer and variables as at the last `fit`,
@@ -345,7 +345,10 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         # the probe part of it (also when a previous `fit` traced one).
         self.model.make_train_function(force=True)
         self._traced = {
-            "key": key, "plain": plain, "probed": self.model.train_function,
+            "optimizer": opt,
+            "variables": variables,
+            "plain": plain,
+            "probed": self.model.train_function,
         }
 
     def on_train_batch_end(self, batch, logs=None):
