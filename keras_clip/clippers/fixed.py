@@ -212,10 +212,10 @@ class AdaptiveGradClip(Clipper):
         if any(p.search(path or "") for p in self._patterns):
             return grad, square, ops.array(False)
         whole = len(grad.shape) <= 1 and self.axis is None
-        # One unit (a scalar or a vector): its norm is the tensor's, known.
-        g_norm = ops.sqrt(square) if whole else None
+        # One unit (a scalar or a vector): its sum of squares is the tensor's.
         scale, over, square_after = kc_ops._agc_parts(
-            grad, param, threshold, self.epsilon, self.axis, g_norm=g_norm
+            grad, param, threshold, self.epsilon, self.axis,
+            g_square=square if whole else None,
         )
         return kc_ops._mul(grad, scale), square_after, ops.any(over)
 
