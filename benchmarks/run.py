@@ -129,7 +129,8 @@ def _verdicts(results):
             continue
         row = results[part][name]
         value = row[key]
-        lo, hi = (row["over_b_lo"], row["over_b_hi"]) if key == "over_b" else (row["lo"], row["hi"])
+        prefix = "over_b_" if key == "over_b" else ""
+        lo, hi = row[prefix + "lo"], row[prefix + "hi"]
         verdict = "met" if value <= bound else "not met"
         if lo <= bound < hi:
             verdict += " (within noise)"

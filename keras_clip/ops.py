@@ -228,7 +228,7 @@ def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_square=None):
     clipped exactly where its scale is below 1): computed from the norms
     instead, the flags were a kernel of their own that each tensor's scale,
     and so its update, waited for (AGC's step: 1.16 of Adam's on 64 tensors,
-    against 1.11-1.12 now).
+    against 1.10-1.12 now).
     """
     if g_square is None:
         axes = _unit_axes(len(g.shape), axis)
