@@ -216,8 +216,12 @@ def unitwise_norm(x, axis=None):
     >>> np.asarray(unitwise_norm(np.array([[3.0, 0.0], [4.0, 1.0]]))).tolist()
     [[5.0, 1.0]]
     """
-    axes = _unit_axes(len(x.shape), axis)
-    return ops.sqrt(_sq_norm(x, axis=axes, keepdims=True))
+    return ops.sqrt(_unitwise_sq_norm(x, axis))
+
+
+def _unitwise_sq_norm(x, axis=None):
+    """Each unit's sum of squares (see `unitwise_norm`), reduced axes kept."""
+    return _sq_norm(x, axis=_unit_axes(len(x.shape), axis), keepdims=True)
 
 
 def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_square=None):
@@ -231,8 +235,7 @@ def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_square=None):
     against 1.10-1.12 now).
     """
     if g_square is None:
-        axes = _unit_axes(len(g.shape), axis)
-        g_square = _sq_norm(g, axis=axes, keepdims=True)
+        g_square = _unitwise_sq_norm(g, axis)
     p_norm = ops.maximum(unitwise_norm(p, axis), epsilon)
     max_norm = clip_factor * p_norm
     scale = _scale(ops.sqrt(g_square), max_norm)

@@ -305,21 +305,36 @@ class GradientHistogramLogger(keras.callbacks.Callback):
             self._optimizer.remove_gradient_probe(self._probe_fn)
         variables = [id(v) for v in self.model.trainable_variables]
         traced = self._traced
-        if (
+        # The same model, optimizer and variables as at the last `fit`, and
+        # the same train function then: the step traced with the probe still
+        # holds. Reusing it saves a trace and a compilation per `fit` call.
+        reuse = (
             traced is not None
             and traced["optimizer"] is opt
             and traced["variables"] == variables
             and self.model.train_function is traced["plain"]
-        ):
-            # The same model, optimizer and variables as at the last `fit`,
-            # and the same train function then: the step traced with the
-            # probe still holds. Reusing it saves a trace and a compilation
-            # per `fit` call.
-            self._optimizer = opt
-            self._previous = self._read_steps(opt)
-            opt.add_gradient_probe(self._probe_fn)
+        )
+        if not reuse:
+            self._new_counts()
+        self._optimizer = opt
+        self._previous = self._read_steps(opt)
+        opt.add_gradient_probe(self._probe_fn)
+        if reuse:
             self.model.train_function = traced["probed"]
             return
+        plain = self.model.train_function
+        # Keras traces the train function on its first call; a new one makes
+        # the probe part of it (also when a previous `fit` traced one).
+        self.model.make_train_function(force=True)
+        self._traced = {
+            "optimizer": opt,
+            "variables": variables,
+            "plain": plain,
+            "probed": self.model.train_function,
+        }
+
+    def _new_counts(self):
+        """The groups and the variables the step counts into."""
         groups = {}
         for v in self.model.trainable_variables:
             groups.setdefault(self._group_name(v), []).append(v)
@@ -337,19 +352,6 @@ class GradientHistogramLogger(keras.callbacks.Callback):
             np.array(-1, "int64"), trainable=False, name="gradient_histogram_step"
         )
         self._written_step = -1
-        self._optimizer = opt
-        self._previous = self._read_steps(opt)
-        plain = self.model.train_function
-        opt.add_gradient_probe(self._probe_fn)
-        # Keras traces the train function on its first call; a new one makes
-        # the probe part of it (also when a previous `fit` traced one).
-        self.model.make_train_function(force=True)
-        self._traced = {
-            "optimizer": opt,
-            "variables": variables,
-            "plain": plain,
-            "probed": self.model.train_function,
-        }
 
     def on_train_batch_end(self, batch, logs=None):
         self._write_if_new()
