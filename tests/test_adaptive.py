@@ -171,11 +171,34 @@ def test_300_steps_match_the_numpy_rule(case):
             kept = np.sort(np.asarray(state["history"])[: min(int(state["count"]), ref.size)])
             np.testing.assert_allclose(kept, np.sort(ref.history), rtol=1e-5)
             assert n == min(int(state["count"]), ref.size)
+            # The history kept in order: exactly its sort, then +inf pads.
+            ordered = np.asarray(state["sorted"])
+            np.testing.assert_array_equal(ordered[:n], kept, err_msg=f"step {t}")
+            assert np.all(ordered[n:] == np.inf), t
         if isinstance(ref, RefAdaGC):
             np.testing.assert_allclose(np.asarray(state["gamma"]), ref.gamma, rtol=1e-5)
     # The NaN step entered no state: 299 finite steps counted.
     assert int(state["count"]) == STEPS - 1
     assert clipped_any > 0
+
+
+def test_autoclip_keeps_its_history_in_order_through_ties_and_nan():
+    # Norms from a set of three values: every eviction and insertion meets
+    # ties; a NaN step leaves the history and its order alone.
+    clip = kc.AutoClip(percentile=50.0, history_size=7)
+    state = {k: tf.constant(v) for k, v in clip.init_state([]).items()}
+    update = tf.function(lambda g, s: clip.update([g], s), jit_compile=True)
+    values = np.random.default_rng(3).choice([1.0, 2.0, 3.0], 120).astype("float32")
+    values[[10, 50]] = np.nan
+    kept = []
+    for t, v in enumerate(values):
+        _, state, _ = update(tf.constant([v]), state)
+        if not np.isnan(v):
+            kept = (kept + [v])[-7:]
+        ordered = np.asarray(state["sorted"])
+        np.testing.assert_array_equal(ordered[: len(kept)], np.sort(kept), err_msg=f"step {t}")
+        assert np.all(ordered[len(kept):] == np.inf), t
+        assert float(state["threshold"]) == np.percentile(kept, 50.0), t
 
 
 def test_autoclip_first_step_never_clips():
