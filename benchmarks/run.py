@@ -1,6 +1,6 @@
 """keras-clip benchmarks: step time and memory as ratios to plain Adam.
 
-    python benchmarks/run.py [--parts a b c d] [--rounds 120] [--repeats 12] [--json out.json]
+    python benchmarks/run.py [--parts a b c d] [--rounds 120] [--instances 3] [--repeats 12] [--json out.json]
 
 (a) the optimizer step alone: 64 tensors of 262,144 float32 (16.8M
     parameters), one XLA-compiled `apply`;
@@ -21,10 +21,11 @@ least step that may skip, see `FLOOR`), the ratio of a second Adam to the
 first (the protocol's own error) and the median ratio in each of the
 machine's two states, when it showed both (see `_fast_rounds`).
 A last table holds each of the issue's targets against its median and
-interval. (a) runs `--rounds`
-rounds in which every configuration is timed for 5 calls in a fresh random
-order; (b, c) run `--repeats` such rounds of 3 `fit` steps each (after
-one left out).
+interval. (a) runs `--rounds` rounds in which every configuration is timed
+in a fresh random order, as `--instances` optimizers with slots of their
+own, for 3 calls each (where an optimizer's slots land in memory moves its
+time by up to 5%: see `part_a`); (b, c) run `--repeats` such rounds of 3
+`fit` steps each (after one left out).
 Not part of the test run.
 """
 
@@ -122,7 +123,7 @@ TARGETS = [
 
 def _by_state(results, part, name):
     """Each state's median for an (a) row, and the floor's in the fast state."""
-    if part != "a" or not results.get("a_fast_share"):
+    if part != "a" or not results["a_state"]["fast_share"]:
         return ""
     row, floor = results["a"][name], results["a"][FLOOR]
     return (f"; slow state {row['slow']:.3f}, fast {row['fast']:.3f} "
@@ -161,36 +162,39 @@ def _step_setup(seed=0):
     return variables, grads
 
 
-def part_a(rounds, calls=5):
+def part_a(rounds, calls=3, instances=3):
     """Step time of each configuration, interleaved finely.
 
-    Each round times every configuration for `calls` calls (the median
-    counts), in a fresh random order, so that a slow spell of the machine
-    hits all of them alike; ratios are taken within a round.
+    Each round times every configuration in a fresh random order, so that a
+    slow spell of the machine hits all of them alike; ratios are taken
+    within a round. Each configuration runs as `instances` optimizers, each
+    with slots of its own, timed for `calls` calls each: where an
+    optimizer's slots land in memory moves its step time by up to 5% for the
+    whole run (a second Adam measured 0.960 [0.939, 0.982] of the first), so
+    a configuration's round time is the mean over its instances.
     """
     import tensorflow as tf
 
     import keras_clip as kc
 
     variables, grads = _step_setup()
-    steps = {}
-    for name in STEP_CONFIGS:
-        opt = _optimizer(name)
-        steps[name] = lambda opt=opt: opt.apply(grads, variables)
+
+    def apply(make):
+        return [
+            lambda opt=make(): opt.apply(grads, variables) for _ in range(instances)
+        ]
+
+    steps = {name: apply(lambda name=name: _optimizer(name)) for name in STEP_CONFIGS}
     # Where the time goes: the two parts every rule needs.
-    chained = _chained_adam()
-    steps[UPDATE_ALONE] = lambda: chained.apply(grads, variables)
-    steps[NORM_ALONE] = lambda: kc.ops.global_norm(grads)
+    steps[UPDATE_ALONE] = apply(_chained_adam)
+    steps[NORM_ALONE] = [lambda: kc.ops.global_norm(grads)]
     # The least a step that may skip does: every gradient read before the
     # first write (the norm), then the update in our order; nothing else.
-    floor = _chained_adam(norm_first=True)
-    steps[FLOOR] = lambda: floor.apply(grads, variables)
+    steps[FLOOR] = apply(lambda: _chained_adam(norm_first=True))
     # ... and each weight's norm right before its update: the least for AGC.
-    floor_agc = _chained_adam(norm_first=True, weight_norms=True)
-    steps[FLOOR_AGC] = lambda: floor_agc.apply(grads, variables)
-    # A second Adam: its ratio to the first is the protocol's own error.
-    again = _optimizer("Adam")
-    steps[ADAM_AGAIN] = lambda: again.apply(grads, variables)
+    steps[FLOOR_AGC] = apply(lambda: _chained_adam(norm_first=True, weight_norms=True))
+    # More Adams: their ratio to the first ones is the protocol's own error.
+    steps[ADAM_AGAIN] = apply(lambda: _optimizer("Adam"))
     times = _interleaved(steps, rounds, calls)
     out = _summary(times, "Adam")
     # How far each step is above the floor, round by round.
@@ -205,8 +209,13 @@ def part_a(rounds, calls=5):
             row[state] = (
                 float(np.median(ratios[rounds_in])) if rounds_in is not None else None
             )
-    share = 0.0 if fast is None else float(fast.mean())
-    return out, share
+    state = {"fast_share": 0.0 if fast is None else float(fast.mean())}
+    if fast is not None:
+        for name, rounds_in in (("fast", fast), ("slow", ~fast)):
+            state[f"adam_ms_{name}"] = float(np.median(adam[rounds_in]) * 1e3)
+    # Every round's time, in ms, for a later look (JSON only).
+    state["rounds_ms"] = {name: [t * 1e3 for t in ts] for name, ts in times.items()}
+    return out, state
 
 
 def _fast_rounds(times, least=0.1, separation=4.0):
@@ -244,27 +253,36 @@ def _fast_rounds(times, least=0.1, separation=4.0):
 def _interleaved(steps, rounds, calls):
     """Compiles each step with XLA and times it, `calls` calls per round.
 
-    Returns each step's per-round median time, in seconds.
+    `steps` maps a name to a step or to a list of instances of it. Returns
+    each name's per-round time, in seconds: the median of an instance's
+    calls, averaged over the name's instances.
     """
     import tensorflow as tf
 
-    steps = dict(steps)
+    compiled = {}
     for name, step in steps.items():
-        steps[name] = tf.function(step, jit_compile=True)
-        for _ in range(3):
-            steps[name]()
-    times = {name: [] for name in steps}
-    order = list(steps)
+        compiled[name] = [
+            tf.function(s, jit_compile=True)
+            for s in (step if isinstance(step, list) else [step])
+        ]
+        for fn in compiled[name]:
+            for _ in range(3):
+                fn()
+    times = {name: [] for name in compiled}
+    order = list(compiled)
     rng = np.random.default_rng(0)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            ts = []
-            for _ in range(calls):
-                t = time.perf_counter()
-                steps[name]()
-                ts.append(time.perf_counter() - t)
-            times[name].append(float(np.median(ts)))
+            medians = []
+            for fn in compiled[name]:
+                ts = []
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t)
+                medians.append(np.median(ts))
+            times[name].append(float(np.mean(medians)))
     return times
 
 
@@ -520,6 +538,8 @@ def main(argv=None):
                         help="interleaved rounds of (b, c) (at least 5)")
     parser.add_argument("--rounds", type=int, default=120,
                         help="interleaved rounds of (a) (at least 5)")
+    parser.add_argument("--instances", type=int, default=3,
+                        help="optimizers per (a) configuration, each with its own slots")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -530,6 +550,8 @@ def main(argv=None):
         parser.error(f"--repeats must be at least 5. Received: {args.repeats}")
     if args.rounds < 5:
         parser.error(f"--rounds must be at least 5. Received: {args.rounds}")
+    if args.instances < 1:
+        parser.error(f"--instances must be at least 1. Received: {args.instances}")
 
     import keras
     import tensorflow as tf
@@ -543,14 +565,16 @@ def main(argv=None):
     }}
     print("machine:", results["machine"])
     if "a" in args.parts:
-        results["a"], results["a_fast_share"] = part_a(args.rounds)
+        results["a"], results["a_state"] = part_a(args.rounds, instances=args.instances)
         _table("(a) optimizer step alone, 16.8M float32 params, XLA; ratio to Adam "
                "(floor: ratio to the least step with skip; fast, slow: in the "
                "rounds of each state of the machine)", results["a"],
                keys=("ms", "ratio", "lo", "hi", "min", "max", "floor", "fast", "slow"))
-        share = results["a_fast_share"]
-        print(f"the machine was in its fast state for {share:.0%} of the rounds"
-              if share else "the machine stayed in one state (fast, slow: -)")
+        state = results["a_state"]
+        print(f"the machine was in its fast state for {state['fast_share']:.0%} of "
+              f"the rounds (Adam's step: {state['adam_ms_fast']:.1f} ms there, "
+              f"{state['adam_ms_slow']:.1f} ms in the others)"
+              if state["fast_share"] else "the machine stayed in one state (fast, slow: -)")
     if "b" in args.parts or "c" in args.parts:
         bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
         results["bc"] = bc
