@@ -107,7 +107,7 @@ class AutoClip(Clipper):
 def _replace_sorted(ordered, old, new):
     """`ordered` (ascending) with one `old` removed and `new` inserted in place.
 
-    O(n) compares and one gather, no sort: `old` must be in `ordered`.
+    O(n) compares and two gathers, no sort: `old` must be in `ordered`.
     """
     size = ordered.shape[0]
     index = ops.arange(size, dtype="int32")
