@@ -202,17 +202,15 @@ def part_a(rounds, calls=3, instances=3):
         row["floor"] = float(np.median(np.array(times[name]) / np.array(times[FLOOR])))
     # The machine's two states (see `_fast_rounds`), each on its own.
     fast = _fast_rounds(times)
+    states = {} if fast is None else {"fast": fast, "slow": ~fast}
     adam = np.array(times["Adam"])
     for name, row in out.items():
         ratios = np.array(times[name]) / adam
-        for state, rounds_in in (("fast", fast), ("slow", None if fast is None else ~fast)):
-            row[state] = (
-                float(np.median(ratios[rounds_in])) if rounds_in is not None else None
-            )
+        for label in ("fast", "slow"):
+            row[label] = float(np.median(ratios[states[label]])) if states else None
     state = {"fast_share": 0.0 if fast is None else float(fast.mean())}
-    if fast is not None:
-        for name, rounds_in in (("fast", fast), ("slow", ~fast)):
-            state[f"adam_ms_{name}"] = float(np.median(adam[rounds_in]) * 1e3)
+    for label, rounds_in in states.items():
+        state[f"adam_ms_{label}"] = float(np.median(adam[rounds_in]) * 1e3)
     # Every round's time, in ms, for a later look (JSON only).
     state["rounds_ms"] = {name: [t * 1e3 for t in ts] for name, ts in times.items()}
     return out, state
@@ -221,9 +219,9 @@ def part_a(rounds, calls=3, instances=3):
 def _fast_rounds(times, least=0.1, separation=4.0):
     """The rounds the machine ran in its fast state, or `None` if one state.
 
-    This machine switches, for tens of seconds at a time, between two
-    states: Adam's (a) step takes about 10 ms in one and 14 ms in the other
-    (its memory to itself, or shared). A round's speed is the mean, over
+    This machine switches, for minutes at a time, between two states: its
+    memory to itself, or shared with other work (in one run, 23% of the
+    rounds in the first, where every ratio rose). A round's speed is the mean, over
     every configuration, of its log time less that configuration's median
     (not Adam's time alone: picking rounds by the ratios' denominator would
     bias them). The rounds are split in two where the spread within each
