@@ -22,18 +22,26 @@ import time
 
 import numpy as np
 
+from run import _interval  # (this script's directory is on the path)
+
 SHAPES = [262_144] * 64
-CONFIGS = ["adam", "clip_by_global_norm(1.0)", "clip(1.0)",
-           "adaptive_grad_clip(0.01)", "adam again"]
+# name -> the transformation chained before Adam (None: Adam alone)
+CLIPPERS = {
+    "adam": None,
+    "clip_by_global_norm(1.0)": lambda optax: optax.clip_by_global_norm(1.0),
+    "clip(1.0)": lambda optax: optax.clip(1.0),
+    "adaptive_grad_clip(0.01)": lambda optax: optax.adaptive_grad_clip(0.01),
+    "adam again": None,
+}
+CONFIGS = list(CLIPPERS)
 
 
 def _transform(name):
     import optax
 
     adam = optax.adam(1e-3)
-    if name in ("adam", "adam again"):
-        return adam
-    return optax.chain(getattr(optax, name.split("(")[0])(float(name[:-1].split("(")[1])), adam)
+    clipper = CLIPPERS[name]
+    return adam if clipper is None else optax.chain(clipper(optax), adam)
 
 
 def _instance(name, donate, seed):
@@ -63,13 +71,6 @@ def _call(inst, grads, calls):
         jax.block_until_ready(inst["params"])
         times.append(time.perf_counter() - start)
     return float(np.median(times))
-
-
-def _interval(values, resamples=2000):
-    values = np.asarray(values)
-    picks = np.random.default_rng(0).integers(0, len(values), (resamples, len(values)))
-    medians = np.median(values[picks], axis=1)
-    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
 
 
 def run(rounds, instances=3, calls=3):
