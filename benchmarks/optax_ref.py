@@ -18,11 +18,10 @@ Not part of the test run.
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 
-from run import _interval  # (this script's directory is on the path)
+from run import _summary, _table, _timed_rounds  # (this script's directory is on the path)
 
 SHAPES = [262_144] * 64
 # name -> the transformation chained before Adam (None: Adam alone)
@@ -44,7 +43,8 @@ def _transform(name):
     return adam if clipper is None else optax.chain(clipper(optax), adam)
 
 
-def _instance(name, donate, seed):
+def _instance(name, donate, grads, seed):
+    """One copy of a configuration: a callable that runs one step and waits."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -52,25 +52,21 @@ def _instance(name, donate, seed):
     tx = _transform(name)
     rng = np.random.default_rng(seed)
     params = [jnp.asarray(rng.standard_normal(n).astype("float32") * 0.01) for n in SHAPES]
+    buffers = {"params": params, "state": tx.init(params)}
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
     compiled = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    return {"params": params, "state": tx.init(params), "step": compiled}
 
+    def call():
+        buffers["params"], buffers["state"] = compiled(
+            buffers["params"], buffers["state"], grads
+        )
+        jax.block_until_ready(buffers["params"])
 
-def _call(inst, grads, calls):
-    import jax
-
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        inst["params"], inst["state"] = inst["step"](inst["params"], inst["state"], grads)
-        jax.block_until_ready(inst["params"])
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    return call
 
 
 def run(rounds, instances=3, calls=3):
@@ -78,29 +74,19 @@ def run(rounds, instances=3, calls=3):
 
     rng = np.random.default_rng(1)
     grads = [jnp.asarray(rng.standard_normal(n).astype("float32")) for n in SHAPES]
-    keys = [(name, donate) for donate in (True, False) for name in CONFIGS]
-    insts = {
-        key: [_instance(key[0], key[1], 100 * i + j) for i in range(instances)]
-        for j, key in enumerate(keys)
-    }
-    for group in insts.values():
-        for inst in group:
-            _call(inst, grads, 3)  # compile and warm up
-    times = {key: [] for key in keys}
-    order = list(keys)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for key in order:
-            times[key].append(np.mean([_call(inst, grads, calls) for inst in insts[key]]))
+    steps = {}
+    for mode, donate in (("donated", True), ("not donated", False)):
+        for j, name in enumerate(CONFIGS):
+            steps[f"{name}, {mode}"] = [
+                _instance(name, donate, grads, 100 * i + j) for i in range(instances)
+            ]
+    times = _timed_rounds(steps, rounds, calls)
     out = {}
-    for name, donate in keys:
-        ratios = np.array(times[name, donate]) / np.array(times["adam", donate])
-        lo, hi = _interval(ratios)
-        out[f"{name}, {'donated' if donate else 'not donated'}"] = {
-            "ms": float(np.median(times[name, donate]) * 1e3),
-            "ratio": float(np.median(ratios)), "lo": lo, "hi": hi,
-            "min": float(ratios.min()), "max": float(ratios.max()),
-        }
+    for mode in ("donated", "not donated"):
+        out.update(_summary(
+            {name: ts for name, ts in times.items() if name.endswith(f", {mode}")},
+            f"adam, {mode}",
+        ))
     return out
 
 
@@ -123,12 +109,8 @@ def main(argv=None):
         parser.error(f"needs jax and optax (pip install jax optax). Received: {error}")
     print(f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()}")
     results = run(args.rounds, instances=args.instances)
-    print("\noptax step, 16.8M float32 params, jit; ratio to optax.adam run the same way")
-    keys = ("ms", "ratio", "lo", "hi", "min", "max")
-    width = max(len(n) for n in results) + 2
-    print("".ljust(width) + "".join(k.rjust(10) for k in keys))
-    for name, row in results.items():
-        print(name.ljust(width) + "".join(f"{row[k]:10.3f}" for k in keys))
+    _table("optax step, 16.8M float32 params, jit; ratio to optax.adam run the same way",
+           results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"jax": jax.__version__, "optax": optax.__version__,

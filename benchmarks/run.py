@@ -250,31 +250,43 @@ def _fast_rounds(times, least=0.1, separation=4.0):
 
 
 def _interleaved(steps, rounds, calls):
-    """Compiles each step with XLA and times it, `calls` calls per round.
+    """Compiles each step with XLA and times it (see `_timed_rounds`).
 
-    `steps` maps a name to a step or to a list of instances of it. Returns
-    each name's per-round time, in seconds: the median of an instance's
-    calls, averaged over the name's instances.
+    `steps` maps a name to a step or to a list of instances of it.
     """
     import tensorflow as tf
 
-    compiled = {}
-    for name, step in steps.items():
-        compiled[name] = [
+    compiled = {
+        name: [
             tf.function(s, jit_compile=True)
             for s in (step if isinstance(step, list) else [step])
         ]
-        for fn in compiled[name]:
-            for _ in range(3):
+        for name, step in steps.items()
+    }
+    return _timed_rounds(compiled, rounds, calls)
+
+
+def _timed_rounds(instances, rounds, calls, warmup=3):
+    """Times callables, `calls` calls per round, in a fresh order each round.
+
+    `instances` maps a name to a list of callables, each a step that
+    returns once its work is done (no framework of its own: `optax_ref.py`
+    uses it too). Each is called `warmup` times first. Returns each name's
+    per-round time, in seconds: the median of an instance's calls, averaged
+    over the name's instances.
+    """
+    for group in instances.values():
+        for fn in group:
+            for _ in range(warmup):
                 fn()
-    times = {name: [] for name in compiled}
-    order = list(compiled)
+    times = {name: [] for name in instances}
+    order = list(instances)
     rng = np.random.default_rng(0)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
             medians = []
-            for fn in compiled[name]:
+            for fn in instances[name]:
                 ts = []
                 for _ in range(calls):
                     t = time.perf_counter()
