@@ -4,9 +4,17 @@ Every function takes a list of tensors (entries may be `None`, which pass
 through), accumulates norms in float32 whatever the gradient dtype, and scales
 exactly: a tensor already inside its bound comes back unchanged, an all-zero
 tensor stays zero and nothing divides 0 by 0.
+
+A sparse gradient (a `tf.IndexedSlices`, from `Embedding`) is taken as the
+dense gradient it stands for: its repeated indices are summed first
+(`backend.split_sparse`), so norms are those of the dense gradient, value
+clipping clips the dense gradient's elements, and a clipped gradient comes
+back sparse, with unique indices.
 """
 
 from keras import ops
+
+from keras_clip import backend
 
 
 # Whole-tensor sums of at least this many elements are taken as a
@@ -80,6 +88,14 @@ def _mul(x, scale):
     return x * ops.cast(scale, x.dtype)
 
 
+def _split(grads):
+    """`backend.split_sparse`, plus each entry's row indices (`None` if dense)."""
+    values, rewrap = backend.split_sparse(grads)
+    wrapped = rewrap(values)
+    indices = [None if w is v else w.indices for w, v in zip(wrapped, values)]
+    return values, indices, rewrap
+
+
 def global_norm(grads):
     """Global L2 norm of a list of tensors, accumulated in float32.
 
@@ -98,7 +114,8 @@ def global_norm(grads):
     >>> float(global_norm([np.array([3.0]), np.array([4.0])]))
     5.0
     """
-    sq = [_sq_norm(g) for g in grads if g is not None]
+    values, _ = backend.split_sparse(grads)
+    sq = [_sq_norm(g) for g in values if g is not None]
     if not sq:
         return ops.zeros((), "float32")
     return ops.sqrt(ops.sum(ops.stack(sq)))
@@ -123,14 +140,15 @@ def clip_by_value(grads, max_value):
     >>> [np.asarray(g).tolist() for g in clip_by_value([np.array([-3.0, 0.5])], 1.0)]
     [[-1.0, 0.5]]
     """
+    values, rewrap = backend.split_sparse(grads)
     out = []
-    for g in grads:
+    for g in values:
         if g is None:
             out.append(None)
             continue
         c = ops.cast(max_value, g.dtype)
         out.append(ops.clip(g, -c, c))
-    return out
+    return rewrap(out)
 
 
 def clip_by_norm(grads, max_norm):
@@ -152,11 +170,12 @@ def clip_by_norm(grads, max_norm):
     >>> [np.round(np.asarray(g), 6).tolist() for g in clip_by_norm([np.array([3.0, 4.0])], 1.0)]
     [[0.6, 0.8]]
     """
+    values, rewrap = backend.split_sparse(grads)
     max_norm = ops.cast(max_norm, "float32")
-    return [
+    return rewrap([
         None if g is None else _mul(g, _scale(ops.sqrt(_sq_norm(g)), max_norm))
-        for g in grads
-    ]
+        for g in values
+    ])
 
 
 def clip_by_global_norm(grads, max_norm):
@@ -181,9 +200,10 @@ def clip_by_global_norm(grads, max_norm):
     >>> float(norm), [round(float(g[0]), 6) for g in clipped]
     (5.0, [0.6, 0.8])
     """
-    norm = global_norm(grads)
+    values, rewrap = backend.split_sparse(grads)
+    norm = global_norm(values)
     scale = _scale(norm, ops.cast(max_norm, "float32"))
-    return [None if g is None else _mul(g, scale) for g in grads], norm
+    return rewrap([None if g is None else _mul(g, scale) for g in values]), norm
 
 
 def _unit_axes(ndim, axis):
@@ -192,6 +212,20 @@ def _unit_axes(ndim, axis):
     if ndim <= 1:
         return None
     return tuple(range(ndim - 1))
+
+
+def _units_span_rows(ndim, axis):
+    """Whether each unit reduces over axis 0, the rows of a sparse gradient.
+
+    Then the rows a sparse gradient leaves out add nothing to any unit's sum,
+    and its stored rows give the dense gradient's unit norms; otherwise each
+    unit lies within one row.
+    """
+    axes = _unit_axes(ndim, axis)
+    if axes is None:
+        return True
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    return any(a % ndim == 0 for a in axes)
 
 
 def unitwise_norm(x, axis=None):
@@ -216,7 +250,14 @@ def unitwise_norm(x, axis=None):
     >>> np.asarray(unitwise_norm(np.array([[3.0, 0.0], [4.0, 1.0]]))).tolist()
     [[5.0, 1.0]]
     """
-    return ops.sqrt(_unitwise_sq_norm(x, axis))
+    (values,), (indices,), _ = _split([x])
+    ndim = len(x.shape)
+    if indices is None or _units_span_rows(ndim, axis):
+        return ops.sqrt(_unitwise_sq_norm(values, axis))
+    # Each unit lies within one row: the absent rows' units have norm 0.
+    norms = ops.sqrt(_unitwise_sq_norm(values, axis))
+    shape = (x.shape[0], *norms.shape[1:])
+    return ops.scatter(ops.expand_dims(indices, -1), norms, shape)
 
 
 def _unitwise_sq_norm(x, axis=None):
@@ -271,11 +312,14 @@ def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None)
     >>> [np.asarray(x).tolist() for x in adaptive_grad_clip(g, w, 0.05)]
     [[[1.5], [2.0]]]
     """
+    values, indices, rewrap = _split(grads)
     out = []
-    for g, p in zip(grads, params):
+    for g, p, rows in zip(values, params, indices):
         if g is None:
             out.append(None)
             continue
+        if rows is not None and not _units_span_rows(len(g.shape), axis):
+            p = ops.take(p, rows, axis=0)  # each unit lies within one row
         scale, _, _ = _agc_parts(g, p, clip_factor, epsilon, axis)
         out.append(_mul(g, scale))
-    return out
+    return rewrap(out)

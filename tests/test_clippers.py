@@ -192,6 +192,112 @@ def test_ops_functions_match_numpy():
     assert kc.ops.clip_by_value([None], 1.0) == [None]
 
 
+# Sparse gradients: the public ops see the dense gradient (repeated indices
+# summed), and what they scale or clip stays sparse.
+
+# One float32 rounding is at most half an ulp, relative.
+HALF_ULP = np.finfo(np.float32).eps / 2
+
+
+def sparse_example():
+    """Rows [1, 1] x 3 at indices [3, 3, 1] of a (5, 2) gradient."""
+    import tensorflow as tf
+
+    slices = tf.IndexedSlices(
+        tf.ones((3, 2)), tf.constant([3, 3, 1]), tf.constant([5, 2])
+    )
+    dense = np.asarray(tf.convert_to_tensor(slices)).astype(np.float64)
+    return slices, dense
+
+
+def sparse_params():
+    return np.arange(10, dtype="float32").reshape(5, 2)
+
+
+def assert_sparse_matches(out, expected, rtol):
+    """`out` is an IndexedSlices with unique indices whose dense value is `expected`."""
+    import tensorflow as tf
+
+    assert isinstance(out, tf.IndexedSlices)
+    indices = np.asarray(out.indices)
+    assert len(np.unique(indices)) == len(indices)
+    dense = np.asarray(tf.convert_to_tensor(out))
+    np.testing.assert_allclose(dense, expected, rtol=rtol, atol=0)
+
+
+def test_sparse_global_norm_is_the_dense_norm():
+    slices, dense = sparse_example()
+    # The squares and their sum are exact (integers): one rounding, the sqrt.
+    np.testing.assert_allclose(
+        float(kc.ops.global_norm([slices])), np_norm(dense), rtol=HALF_ULP
+    )
+    assert np_norm(dense) == pytest.approx(math.sqrt(10))
+
+
+def test_sparse_clip_by_value_clips_the_dense_elements():
+    slices, dense = sparse_example()
+    (out,) = kc.ops.clip_by_value([slices], 1.5)
+    # The dense gradient's 2s are clipped to 1.5: exact in float32.
+    assert_sparse_matches(out, np.clip(dense, -1.5, 1.5), rtol=0)
+
+
+def test_sparse_clip_by_norm_uses_the_dense_norm():
+    slices, dense = sparse_example()
+    (out,) = kc.ops.clip_by_norm([slices], 1.0)
+    # Roundings: sqrt, divide, multiply.
+    assert_sparse_matches(out, dense / np_norm(dense), rtol=3 * HALF_ULP)
+
+
+def test_sparse_clip_by_global_norm_uses_the_dense_norm():
+    slices, dense = sparse_example()
+    other = np.array([2.0, 0.0], "float32")
+    clipped, norm = kc.ops.clip_by_global_norm([None, slices, other], 1.0)
+    total = math.sqrt(np_norm(dense) ** 2 + np_norm(other) ** 2)
+    # The squares and their sums are exact: the sqrt rounds once.
+    np.testing.assert_allclose(float(norm), total, rtol=HALF_ULP)
+    assert clipped[0] is None
+    # Roundings: sqrt, divide, multiply.
+    assert_sparse_matches(clipped[1], dense / total, rtol=3 * HALF_ULP)
+    np.testing.assert_allclose(
+        np.asarray(clipped[2]), other / total, rtol=3 * HALF_ULP, atol=0
+    )
+
+
+@pytest.mark.parametrize("axis", [None, -1], ids=["columns", "rows"])
+def test_sparse_unitwise_norm_is_the_dense_one(axis):
+    slices, dense = sparse_example()
+    reduce = 0 if axis is None else 1
+    expected = np.sqrt(np.sum(dense * dense, axis=reduce, keepdims=True))
+    out = np.asarray(kc.ops.unitwise_norm(slices, axis=axis))
+    assert out.shape == expected.shape
+    # The squares and their sums are exact (integers): one rounding, the sqrt.
+    np.testing.assert_allclose(out, expected, rtol=HALF_ULP, atol=0)
+
+
+# (axis, clip_factor): the factors clip one unit of the dense gradient and
+# leave the other alone (columns: 2.236 against 2.19 and 2.57; rows: 1.414
+# against 1.26 and 2.83 against 3.22).
+AGC_SPARSE = [(None, 0.2), (-1, 0.35)]
+
+
+@pytest.mark.parametrize("axis, factor", AGC_SPARSE, ids=["columns", "rows"])
+def test_sparse_adaptive_grad_clip_uses_the_dense_units(axis, factor):
+    slices, dense = sparse_example()
+    params = sparse_params()
+    reduce = 0 if axis is None else 1
+    g_units = np.sqrt(np.sum(dense * dense, axis=reduce, keepdims=True))
+    p = params.astype(np.float64)
+    p_units = np.sqrt(np.sum(p * p, axis=reduce, keepdims=True))
+    max_norm = factor * np.maximum(p_units, 1e-3)
+    over = g_units > max_norm
+    assert over.any() and not over[g_units > 0].all()
+    scale = np.where(over, max_norm / np.where(g_units > 0, g_units, 1), 1.0)
+    (out,) = kc.ops.adaptive_grad_clip([slices], [params], factor, axis=axis)
+    # Roundings: the factor to float32, two sqrts, the product, the divide
+    # and the multiply.
+    assert_sparse_matches(out, dense * scale, rtol=6 * HALF_ULP)
+
+
 def test_norms_accumulate_in_float32():
     g = np.full((1000,), 300.0, "float16")  # float16 sum of squares overflows
     norm = float(kc.ops.global_norm([g]))
