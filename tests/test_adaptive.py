@@ -329,6 +329,9 @@ def test_adaptive_clipping_bounds_the_bad_batch(name):
         (lambda: kc.ZClip(max_norm=-1), ValueError, "Received: max_norm=-1"),
         (lambda: kc.AdaGC(beta=1.5), ValueError, "Received: beta=1.5"),
         (lambda: kc.AdaGC(relative_factor="big"), TypeError, "Received: relative_factor='big'"),
+        (lambda: kc.AdaGC(relative_factor=0.5), ValueError, "Received: relative_factor=0.5"),
+        (lambda: kc.AdaGC(relative_factor=0.999), ValueError, "Received: relative_factor=0.999"),
+        (lambda: kc.AdaGC(relative_factor=-1), ValueError, "Received: relative_factor=-1"),
         (lambda: kc.AdaGC(warmup_steps=0), ValueError, "Received: warmup_steps=0"),
     ],
 )
@@ -336,6 +339,14 @@ def test_bad_arguments(make, err, msg):
     with pytest.raises(err) as info:
         make()
     assert str(info.value).endswith(msg)
+
+
+def test_adagc_relative_factor_below_one_is_refused_and_one_is_allowed():
+    with pytest.raises(ValueError, match=r"`relative_factor` must be at least 1") as info:
+        kc.AdaGC(relative_factor=0.5)
+    assert str(info.value).endswith("Received: relative_factor=0.5")
+    assert kc.AdaGC(relative_factor=1).relative_factor == 1.0
+    assert kc.AdaGC(relative_factor=1.05).relative_factor == 1.05
 
 
 @pytest.mark.parametrize("name, cls", [("autoclip", kc.AutoClip), ("zclip", kc.ZClip), ("adagc", kc.AdaGC)])

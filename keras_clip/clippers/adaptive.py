@@ -305,8 +305,8 @@ class AdaGC(Clipper):
     `sqrt(sum_i (relative_factor * gamma_i) ** 2)` (`max_norm` in warm-up).
 
     Args:
-        relative_factor: Positive float, the paper's lambda_rel. Defaults to
-            1.05.
+        relative_factor: Float >= 1, the paper's lambda_rel (below 1 the
+            thresholds would shrink step after step). Defaults to 1.05.
         beta: Float in (0, 1), the EMA decay. Defaults to 0.98.
         max_norm: Positive float, the absolute global bound during warm-up
             (lambda_abs). Defaults to 1.0.
@@ -321,7 +321,15 @@ class AdaGC(Clipper):
     """
 
     def __init__(self, relative_factor=1.05, beta=0.98, max_norm=1.0, warmup_steps=100):
-        self.relative_factor = _checks.number("relative_factor", relative_factor, low=0)
+        self.relative_factor = _checks.number("relative_factor", relative_factor)
+        if self.relative_factor < 1:
+            # Each threshold is relative_factor times an EMA of clipped norms:
+            # below 1 it shrinks step after step, whatever the gradients.
+            raise ValueError(
+                "`relative_factor` must be at least 1 (below 1 the thresholds "
+                "shrink step after step; the paper uses 1.05). "
+                f"Received: relative_factor={relative_factor!r}"
+            )
         self.beta = _checks.number("beta", beta, low=0, high=1, high_open=True)
         self.max_norm = _checks.number("max_norm", max_norm, low=0)
         self.warmup_steps = _checks.number(

@@ -27,7 +27,7 @@ CASES = {
     "agc": "kc.ClippedSGD(1.0, clipper=kc.AdaptiveGradClip(0.05))",
     "autoclip": "kc.ClippedSGD(1.0, clipper=kc.AutoClip(50.0, history_size=4))",
     "zclip": "kc.ClippedSGD(1.0, clipper=kc.ZClip(warmup_steps=1, z_thresh=0.5))",
-    "adagc": "kc.ClippedSGD(1.0, clipper=kc.AdaGC(warmup_steps=1, relative_factor=0.5))",
+    "adagc": "kc.ClippedSGD(1.0, clipper=kc.AdaGC(warmup_steps=1, relative_factor=1.05))",
     "adam_decay": "kc.ClippedAdamW(0.1, weight_decay=0.1, global_clipnorm=1.0)",
     "nan_skip": "kc.ClippedAdam(0.1, global_clipnorm=1.0)",
 }
