@@ -21,7 +21,7 @@ CLIPPERS = {
     "agc": lambda: kc.AdaptiveGradClip(0.02),
     "autoclip": lambda: kc.AutoClip(50.0, history_size=8),
     "zclip": lambda: kc.ZClip(warmup_steps=2, z_thresh=0.5),
-    "adagc": lambda: kc.AdaGC(warmup_steps=2, relative_factor=0.5),
+    "adagc": lambda: kc.AdaGC(warmup_steps=2, relative_factor=1.0),
 }
 
 
@@ -243,6 +243,7 @@ HOOKS = [
     ("BaseOptimizer", "_backend_apply_gradients", ["self", "grads", "trainable_variables"]),
     ("BaseOptimizer", "_backend_update_step", ["self", "grads", "trainable_variables", "learning_rate"]),
     ("BaseOptimizer", "_apply_weight_decay", ["self", "variables"]),
+    ("BaseOptimizer", "_clip_gradients", ["self", "grads"]),
     ("BaseOptimizer", "_use_weight_decay", ["self", "variable"]),
     ("BaseOptimizer", "_get_current_learning_rate", ["self"]),
     ("BaseOptimizer", "assign", ["self", "variable", "value"]),

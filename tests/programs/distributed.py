@@ -66,6 +66,39 @@ def custom_loop(strategy, model, x, y, after_step):
         after_step()
 
 
+def new_model(dtype):
+    import keras
+
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([
+        keras.Input((5,)),
+        keras.layers.Dense(4, activation="tanh", dtype=dtype),
+        keras.layers.Dense(2, dtype=dtype),
+    ])
+
+
+U32 = 2.0**-24  # float32's unit roundoff
+
+
+def amplification(case, start, weights, optimizer, x, y):
+    """How much the run magnifies a relative error of float32's unit roundoff.
+
+    The run again in float64 from weights perturbed by `u` relative (random
+    signs): the relative change of the final weights, divided by `u`.
+    """
+    import keras
+
+    rng = np.random.default_rng(2)
+    model = new_model("float64")
+    model.set_weights([w * (1 + U32 * rng.choice([-1.0, 1.0], w.shape)) for w in start])
+    model.compile(optimizer=optimizer(), loss="mse", jit_compile=False)
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    return max(
+        float(np.linalg.norm(a - b) / np.linalg.norm(b))
+        for a, b in zip(model.get_weights(), weights)
+    ) / U32
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("strategy", choices=["mirrored", "one", "worker"])
@@ -73,6 +106,7 @@ def main():
     parser.add_argument("--ports", type=int, nargs="*", default=[])
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     args = parser.parse_args()
 
     if args.strategy == "worker":
@@ -94,21 +128,23 @@ def main():
     import keras
     import keras_clip as kc  # noqa: F401
 
+    keras.config.set_floatx(args.dtype)
+
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16 * args.steps, 5)).astype("float32")
     y = (x @ rng.standard_normal((5, 2)) * 10).astype("float32")
+    x, y = x.astype(args.dtype), y.astype(args.dtype)
     out = {"replicas": strategy.num_replicas_in_sync}
     for case in args.cases:
         keras.utils.set_random_seed(1)
         xc, yc = x.copy(), y.copy()
         if case == "nan_skip":
             xc[16 + 3, 0] = np.nan  # one sample of step 2, on one replica
+        # The same initial weights in float32 and float64.
+        start = [w.astype(args.dtype) for w in new_model("float32").get_weights()]
         with strategy.scope():
-            model = keras.Sequential([
-                keras.Input((5,)),
-                keras.layers.Dense(4, activation="tanh"),
-                keras.layers.Dense(2),
-            ])
+            model = new_model(args.dtype)
+            model.set_weights(start)
             model.compile(optimizer=eval(CASES[case]), loss="mse", jit_compile=False)
         initial = [w.copy() for w in model.get_weights()]
         deltas = []
@@ -125,6 +161,10 @@ def main():
                       callbacks=[callback])
         weights = model.get_weights()
         result = {"weights": [w.tolist() for w in weights], "first_delta": deltas[0]}
+        if args.dtype == "float64":
+            result["amplification"] = amplification(
+                case, start, weights, lambda: eval(CASES[case], {"keras": keras, "kc": kc}), xc, yc
+            )
         opt = model.optimizer
         if hasattr(opt, "gradient_stats"):
             result["stats"] = opt.gradient_stats()
