@@ -24,6 +24,12 @@ from keras_clip.clippers import ValueClip
 from keras_clip.clippers.base import per_tensor_info
 
 NONFINITE = ("skip", "zero", "propagate")
+# Keras's clipping arguments: the clipper each one stands for, and its threshold.
+_SHORTCUTS = {
+    "clipnorm": (NormClip, "max_norm"),
+    "clipvalue": (ValueClip, "max_value"),
+    "global_clipnorm": (GlobalNormClip, "max_norm"),
+}
 
 _MIXIN_DOC = """
 
@@ -453,9 +459,59 @@ class ClippingMixin:
         learning_rate = ops.convert_to_tensor(learning_rate)
         return ops.where(self._update_mask, learning_rate, ops.zeros_like(learning_rate))
 
+    # Keras's own clipping attributes tell the truth: `clipnorm`,
+    # `clipvalue` and `global_clipnorm` read the threshold of a `NormClip`,
+    # `ValueClip` or `GlobalNormClip` clipper (however it was given), and
+    # setting one sets that threshold (read by the next step, no re-tracing).
+
+    clipnorm = property(
+        lambda self: self._shortcut("clipnorm"),
+        lambda self, value: self._set_shortcut("clipnorm", value),
+    )
+    clipvalue = property(
+        lambda self: self._shortcut("clipvalue"),
+        lambda self, value: self._set_shortcut("clipvalue", value),
+    )
+    global_clipnorm = property(
+        lambda self: self._shortcut("global_clipnorm"),
+        lambda self, value: self._set_shortcut("global_clipnorm", value),
+    )
+
+    def _clip_gradients(self, grads):
+        # The clipper clips, in the step; Keras's clipping never runs on top.
+        return grads
+
+    def _shortcut(self, name):
+        cls, attr = _SHORTCUTS[name]
+        clipper = self.__dict__.get("clipper")
+        return getattr(clipper, attr) if type(clipper) is cls else None
+
+    def _set_shortcut(self, name, value):
+        cls, attr = _SHORTCUTS[name]
+        clipper = self.__dict__.get("clipper")
+        if value is None and type(clipper) is not cls:
+            return  # Keras's `__init__` sets all three to None.
+        if type(clipper) is not cls:
+            raise ValueError(
+                f"`{name}` can only change the threshold of a "
+                f"`{cls.__name__}` clipper; this optimizer's clipper is "
+                f"{clipper!r}. Give the clipper when creating the optimizer. "
+                f"Received: {name}={value!r}"
+            )
+        setattr(clipper, attr, _checks.threshold(name, value))
+
     def get_config(self):
         config = super().get_config()
-        config["clipper"] = clippers.serialize(self.clipper)
+        shortcut = [
+            name for name in _SHORTCUTS
+            if isinstance(config.get(name), float)
+        ]
+        # A fixed NormClip, ValueClip or GlobalNormClip is saved as Keras
+        # saves it (`clipnorm=1.0`), and comes back the same.
+        config["clipper"] = None if shortcut else clippers.serialize(self.clipper)
+        for name in _SHORTCUTS:
+            if name not in shortcut:
+                config[name] = None
         config["nonfinite"] = self.nonfinite
         return config
 
@@ -519,6 +575,9 @@ def _constant(value):
 
 _CLIPPED = {}
 _WRAPPERS = (keras.optimizers.LossScaleOptimizer, keras.optimizers.MultiOptimizer)
+# `model.optimizer.gradient_stats()` also when Keras wrapped the optimizer for
+# mixed precision.
+backend.forward_gradient_stats(keras.optimizers.LossScaleOptimizer)
 
 
 def clipped(cls):

@@ -104,9 +104,70 @@ def test_shortcuts_map_to_clippers():
     assert isinstance(kc.ClippedSGD(clipper="agc").clipper, kc.AdaptiveGradClip)
     assert kc.ClippedSGD().clipper is None
     config = opt.get_config()
-    assert config["global_clipnorm"] is None and config["nonfinite"] == "skip"
+    assert config["global_clipnorm"] == 2.0 and config["nonfinite"] == "skip"
     again = kc.ClippedAdam.from_config(config)
     assert again.get_config() == config
+
+
+SHORTCUTS = [
+    ("clipnorm", kc.NormClip, "max_norm"),
+    ("clipvalue", kc.ValueClip, "max_value"),
+    ("global_clipnorm", kc.GlobalNormClip, "max_norm"),
+]
+
+
+@pytest.mark.parametrize("name, cls, attr", SHORTCUTS, ids=[s[0] for s in SHORTCUTS])
+def test_keras_clipping_attributes_tell_the_truth(name, cls, attr):
+    # Code written for Keras reads `opt.clipnorm` etc. to see how an
+    # optimizer clips: they must not read None while a clipper clips.
+    others = [n for n, _, _ in SHORTCUTS if n != name]
+    for opt in (kc.ClippedAdam(**{name: 0.5}), kc.ClippedAdam(clipper=cls(0.5))):
+        assert getattr(opt, name) == 0.5
+        assert [getattr(opt, n) for n in others] == [None, None]
+        config = opt.get_config()
+        assert config[name] == 0.5 and config["clipper"] is None
+        assert [config[n] for n in others] == [None, None]
+        again = kc.ClippedAdam.from_config(config)
+        assert type(again.clipper) is cls and getattr(again.clipper, attr) == 0.5
+        assert again.get_config() == config
+    # Setting the attribute sets the clipper's threshold.
+    opt = kc.ClippedAdam(**{name: 0.5})
+    setattr(opt, name, 0.25)
+    assert getattr(opt.clipper, attr) == 0.25 and opt.get_config()[name] == 0.25
+    with pytest.raises(ValueError, match=f"Received: {others[0]}=1.0"):
+        setattr(opt, others[0], 1.0)
+
+
+def test_other_clippers_leave_keras_attributes_none():
+    schedule = keras.optimizers.schedules.ExponentialDecay(1.0, 10, 0.5)
+    for clipper in (kc.ZClip(), kc.AdaptiveGradClip(), kc.GlobalNormClip(schedule), None):
+        opt = kc.ClippedAdam(clipper=clipper)
+        config = opt.get_config()
+        assert [config[n] for n, _, _ in SHORTCUTS] == [None] * 3
+        assert kc.ClippedAdam.from_config(config).get_config() == config
+        if clipper is None or type(clipper) is not kc.GlobalNormClip:
+            assert [getattr(opt, n) for n, _, _ in SHORTCUTS] == [None] * 3
+    # A scheduled threshold is the truth too; it is saved with its clipper.
+    assert kc.ClippedAdam(global_clipnorm=schedule).global_clipnorm is schedule
+
+
+def test_statistics_reach_through_loss_scale_optimizer():
+    # Keras wraps the optimizer of every mixed_float16 model.
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = small_model()
+        model.compile(optimizer=kc.ClippedAdam(0.01, global_clipnorm=1.0), loss="mse")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    model.fit(*data(), epochs=2, batch_size=16, verbose=0)
+    opt = model.optimizer
+    assert isinstance(opt, keras.optimizers.LossScaleOptimizer)
+    assert opt.gradient_stats() == opt.inner_optimizer.gradient_stats()
+    assert opt.gradient_stats()["steps"] == int(opt.inner_optimizer.iterations.numpy())
+    assert opt.gradient_norms_by_variable() == opt.inner_optimizer.gradient_norms_by_variable()
+    plain = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam())
+    with pytest.raises(AttributeError, match="needs a keras-clip optimizer"):
+        plain.gradient_stats()
 
 
 def test_clipped_factory():
@@ -162,7 +223,7 @@ def test_new_threshold_takes_effect_without_retracing():
     assert stats["clipped_grad_norm"] == pytest.approx(0.25)
     assert stats["clip_threshold"] == 0.25
     assert step.experimental_get_tracing_count() == traces
-    assert opt.get_config()["clipper"]["config"]["max_norm"] == 0.25
+    assert opt.global_clipnorm == 0.25 and opt.get_config()["global_clipnorm"] == 0.25
 
 
 def test_schedule_threshold_follows_iterations():
