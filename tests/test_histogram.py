@@ -451,6 +451,115 @@ def test_fit_again_reuses_the_step_traced_with_the_probe(tmp_path):
     assert model.optimizer._gradient_probes == ()
 
 
+
+# An unwritable `log_dir`, and a `fit` that raises.
+
+
+def plain_step_model():
+    """A compiled model whose plain train function has run once."""
+    model = functional_model()
+    model.compile(optimizer=kc.ClippedSGD(0.01, global_clipnorm=1.0), loss="mse")
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    return model, model.train_function
+
+
+def assert_left_as_before(model, plain, logger):
+    """No probe, the plain train function, and a `fit` without the logger
+    runs it: nothing is counted (with `freq=1` a probed step counts)."""
+    assert model.optimizer._gradient_probes == ()
+    assert model.train_function is plain
+    assert logger._writer_ is None
+    counted = int(logger._counts_step.numpy())
+    steps = int(model.optimizer.iterations.numpy())
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # 3 steps
+    assert int(model.optimizer.iterations.numpy()) == steps + 3
+    assert int(logger._counts_step.numpy()) == counted
+    assert model.train_function is plain
+
+
+@pytest.mark.parametrize("writer", ["tensorflow", "tensorboard"])
+def test_unwritable_log_dir_fails_before_the_first_step(tmp_path, monkeypatch, writer):
+    monkeypatch.setattr(histogram, "_summary_backend", lambda: writer)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    log_dir = blocker / "logs"  # under a regular file: unwritable, even as root
+    model, plain = plain_step_model()
+    steps = int(model.optimizer.iterations.numpy())
+    x, y = data()
+    with pytest.raises(ValueError) as info:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[GradientHistogramLogger(log_dir)])
+    message = str(info.value)
+    assert "cannot write its event files to `log_dir`" in message
+    assert message.endswith(f"Received: log_dir={log_dir!r}")
+    assert int(model.optimizer.iterations.numpy()) == steps  # no step ran
+    assert model.optimizer._gradient_probes == ()
+    assert model.train_function is plain
+
+
+def test_fit_raising_in_the_step_leaves_optimizer_and_model_as_before(tmp_path):
+    model, plain = plain_step_model()
+    x, y = data(n=80)
+
+    def batches():  # the error surfaces inside the train function
+        for i in range(5):
+            if i == 3:
+                raise RuntimeError("no batch 3")
+            yield x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
+
+    logger = GradientHistogramLogger(tmp_path, freq=1)
+    steps = int(model.optimizer.iterations.numpy())
+    with pytest.raises(Exception, match="no batch 3"):
+        model.fit(batches(), epochs=1, verbose=0, callbacks=[logger])
+    assert int(model.optimizer.iterations.numpy()) == steps + 3
+    # The probe ran (the failed step's own iteration may be there too: the
+    # step's assignment does not wait for the data).
+    assert int(logger._counts_step.numpy()) >= steps + 2
+    assert_left_as_before(model, plain, logger)
+
+
+def test_fit_raising_in_the_loggers_hook_leaves_optimizer_and_model_as_before(
+    tmp_path, monkeypatch
+):
+    model, plain = plain_step_model()
+
+    def full(self, *args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(histogram._TFWriter, "write", full)
+    logger = GradientHistogramLogger(tmp_path, freq=1)
+    x, y = data()
+    with pytest.raises(OSError, match="disk full"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
+    monkeypatch.undo()
+    assert_left_as_before(model, plain, logger)
+
+
+class RaiseOnBatch(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            raise RuntimeError("callback failed")
+
+
+@pytest.mark.parametrize("release", ["on_train_end", "next_fit"])
+def test_another_callback_raising_is_released_later(tmp_path, release):
+    # Not released when another callback raises (see the class docstring):
+    # the probe stays until `on_train_end()` or this logger's next `fit`.
+    model, plain = plain_step_model()
+    logger = GradientHistogramLogger(tmp_path, freq=1)
+    x, y = data()
+    with pytest.raises(RuntimeError, match="callback failed"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+                  callbacks=[logger, RaiseOnBatch()])
+    if release == "on_train_end":
+        logger.on_train_end()
+    else:
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
+    assert_left_as_before(model, plain, logger)
+
+
 def test_fit_steps_per_execution_writes_the_logged_step(tmp_path):
     model = functional_model()
     model.compile(optimizer=kc.ClippedSGD(0.01), loss="mse", steps_per_execution=4)

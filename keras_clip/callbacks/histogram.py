@@ -9,6 +9,7 @@ them after the step and writes them as precomputed TensorBoard histograms
 `tf.histogram_fixed_width` does not compile).
 """
 
+import contextlib
 import importlib.util
 import math
 import numbers
@@ -211,10 +212,22 @@ class GradientHistogramLogger(keras.callbacks.Callback):
     not support the JAX backend, whose stateless step drops the updates of
     the variables the callback keeps the counts in.
 
+    For a `fit`, the callback adds a gradient probe to the optimizer and
+    gives the model a train function traced with it; `on_train_end` takes
+    both back. Keras skips `on_train_end` when `fit` raises: if the error
+    comes from the train function (the step, or the data it reads, an
+    interrupt included) or from this callback's own hooks, the callback takes
+    them back itself and closes its event file before the error propagates.
+    If another callback raises (or the interrupt comes between steps), the
+    probe and the probed train function stay until this callback's next
+    `fit`, or until `logger.on_train_end()` is called.
+
     Args:
         log_dir: String or path: the TensorBoard log directory; the event
-            files go to `log_dir/train`. Nothing is created before the first
-            write.
+            files go to `log_dir/train`. Nothing is created before training
+            begins; then the directory and an event file are created, and a
+            `log_dir` that cannot be written fails with a `ValueError`,
+            before the first step.
         freq: Positive int: log every `freq` optimizer steps (with
             `gradient_accumulation_steps`, every `freq` updates).
             Defaults to 100.
@@ -301,8 +314,28 @@ class GradientHistogramLogger(keras.callbacks.Callback):
                 "Received: backend='jax'"
             )
         opt = self._clipping_optimizer()
-        if self._optimizer is not None:
-            self._optimizer.remove_gradient_probe(self._probe_fn)
+        if self._optimizer is not None:  # a `fit` that raised elsewhere
+            self._release()
+        self._open_writer()
+        with self._released_on_error():
+            self._begin(opt)
+
+    def _open_writer(self):
+        """Creates the event file now: an unwritable `log_dir` fails before
+        anything is registered and before the first step."""
+        try:
+            self._writer  # noqa: B018 (the property creates the writer)
+        except Exception as err:
+            directory = os.path.join(os.fspath(self.log_dir), "train")
+            raise ValueError(
+                "GradientHistogramLogger cannot write its event files to "
+                f"`log_dir`: creating {directory!r} failed with "
+                f"{type(err).__name__} (see above). "
+                f"Received: log_dir={self.log_dir!r}"
+            ) from err
+
+    def _begin(self, opt):
+        """Registers the probe and gives the model the probed train function."""
         variables = [id(v) for v in self.model.trainable_variables]
         traced = self._traced
         # The same model, optimizer and variables as at the last `fit`, and
@@ -326,11 +359,13 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         # Keras traces the train function on its first call; a new one makes
         # the probe part of it (also when a previous `fit` traced one).
         self.model.make_train_function(force=True)
+        probed = _ReleaseOnError(self.model.train_function, self._release)
+        self.model.train_function = probed
         self._traced = {
             "optimizer": opt,
             "variables": variables,
             "plain": plain,
-            "probed": self.model.train_function,
+            "probed": probed,
         }
 
     def _new_counts(self):
@@ -354,14 +389,31 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         self._written_step = -1
 
     def on_train_batch_end(self, batch, logs=None):
-        self._write_if_new()
+        with self._released_on_error():
+            self._write_if_new()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._writer_ is not None:
-            self._writer_.flush()
+        with self._released_on_error():
+            if self._writer_ is not None:
+                self._writer_.flush()
 
     def on_train_end(self, logs=None):
-        self._write_if_new()
+        try:
+            self._write_if_new()
+        finally:
+            self._release()
+
+    @contextlib.contextmanager
+    def _released_on_error(self):
+        try:
+            yield
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self):
+        """Removes the probe, gives the model back its plain train function
+        and closes the event file."""
         if self._optimizer is not None:
             self._optimizer.remove_gradient_probe(self._probe_fn)
             self._optimizer = None
@@ -545,6 +597,25 @@ def _missing_entries(grad, variable):
     if None not in shape and int(np.prod(shape)) == size:
         return None
     return size - ops.size(grad)
+
+
+class _ReleaseOnError:
+    """A train function that releases the logger when it raises.
+
+    Keras does not call `on_train_end` when `fit` raises: the probe and the
+    probed train function would stay on the optimizer and the model.
+    """
+
+    def __init__(self, function, release):
+        self._function = function
+        self._release = release
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return self._function(*args, **kwargs)
+        except BaseException:
+            self._release()
+            raise
 
 
 # Event-file writers: the same summaries through TensorFlow or TensorBoard.
