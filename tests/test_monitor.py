@@ -13,6 +13,7 @@ import keras_clip as kc
 from keras_clip.callbacks import GradientAlarmError
 from keras_clip.callbacks import GradientAlarmWarning
 from keras_clip.callbacks import GradientMonitor
+from keras_clip.callbacks.monitor import KINDS
 from keras_clip.optimizers import BUILTIN
 
 DEFAULT = ("grad_norm", "grad_norm_max", "clipped_grad_norm", "clip_rate")
@@ -140,22 +141,39 @@ def test_tensorboard_after_the_monitor_writes_the_scalars(tmp_path):
 # 2. Alarms.
 
 
-def nan_batch_data(batch=2, batch_size=16):
-    x, y = data()
-    x[batch * batch_size + 3, 1] = np.nan
+def printed_alarms(text):
+    """The alarms in printed output: each on a line of its own, no source line."""
+    assert "monitor.py" not in text and "_act(" not in text
+    assert text.count("GradientMonitor:") == text.count("\nGradientMonitor:")
+    return [line for line in text.split("\n") if line.startswith("GradientMonitor:")]
+
+
+def fit_quietly(model, x, y, callbacks, **kwargs):
+    """`fit`, checking that the monitor raises no Python warning."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = fit(model, x, y, callbacks, **kwargs)
+    assert not [w for w in record if "GradientMonitor" in str(w.message)]
+    assert not [w for w in record if issubclass(w.category, GradientAlarmWarning)]
+    return history
+
+
+def nan_batch_data(batch=2, batch_size=16, n=160):
+    x, y = data(n)
+    for b in [batch] if isinstance(batch, int) else batch:
+        x[b * batch_size + 3, 1] = np.nan
     return x, y
 
 
-def test_nan_batch_warns_once_with_the_step():
+def test_nan_batch_prints_one_alarm_with_the_step(capsys):
     model = compiled()
     x, y = nan_batch_data(batch=2)
     monitor = GradientMonitor(stats=["grad_norm", "nonfinite_steps"])
-    with pytest.warns(GradientAlarmWarning) as record:
-        history = fit(model, x, y, [monitor], epochs=1)
-    alarms = [w for w in record if issubclass(w.category, GradientAlarmWarning)]
-    assert len(alarms) == 1
-    message = str(alarms[0].message)
-    assert "non-finite gradient (NaN or Inf) at step 3 (global norm nan)" in message
+    history = fit_quietly(model, x, y, [monitor], epochs=1)
+    [message] = printed_alarms(capsys.readouterr().out)
+    assert message.startswith(
+        "GradientMonitor: non-finite gradient (NaN or Inf) at step 3 (global norm nan)"
+    )
     assert "typical norm" in message and "update was skipped" in message
     [event] = monitor.events
     assert (event.step, event.kind) == (3, "nonfinite") and math.isnan(event.value)
@@ -164,18 +182,44 @@ def test_nan_batch_warns_once_with_the_step():
     assert finite_weights(model)  # the optimizer skipped the step
 
 
+def test_alarm_prints_on_its_own_line_under_the_progress_bar(capsys):
+    model = compiled()
+    x, y = nan_batch_data(batch=2)
+    fit_quietly(model, x, y, [GradientMonitor()], epochs=1, verbose=1)
+    out = capsys.readouterr().out
+    assert "━" in out  # the progress bar is there
+    [message] = printed_alarms(out)
+    assert "━" not in message and "loss:" not in message
+    assert "\nGradientMonitor: non-finite gradient (NaN or Inf) at step 3" in out
+
+
+def test_alarm_goes_to_the_log_without_interactive_logging(capsys, caplog):
+    model = compiled()
+    x, y = nan_batch_data(batch=2)
+    keras.config.disable_interactive_logging()
+    try:
+        fit_quietly(model, x, y, [GradientMonitor()], epochs=1)
+    finally:
+        keras.config.enable_interactive_logging()
+    assert "GradientMonitor" not in capsys.readouterr().out
+    [record] = [r for r in caplog.records if r.name == "keras_clip"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith(
+        "GradientMonitor: non-finite gradient (NaN or Inf) at step 3"
+    )
+
+
 def test_nan_batch_stop_ends_training_after_that_batch(capsys):
     model = compiled()
     x, y = nan_batch_data(batch=2)
     monitor = GradientMonitor(on_nonfinite="stop")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GradientAlarmWarning)
-        history = fit(model, x, y, [monitor], epochs=3, verbose=0)
+    history = fit_quietly(model, x, y, [monitor], epochs=3, verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 3  # batches 0, 1, 2
     assert len(history.history["loss"]) == 1
     assert model.stop_training
     assert finite_weights(model)
-    assert "at step 3" in capsys.readouterr().out
+    [message] = printed_alarms(capsys.readouterr().out)
+    assert "at step 3" in message and message.endswith("Stopping training.")
     assert [(e.step, e.kind) for e in monitor.events] == [(3, "nonfinite")]
 
 
@@ -188,7 +232,102 @@ def test_nan_batch_raise():
     assert [(e.step, e.kind) for e in monitor.events] == [(2, "nonfinite")]
 
 
-def alarm_run(spike=False, vanish=False, **kwargs):
+# Stalls.
+
+
+def overflow_run(policy, callbacks=(), **kwargs):
+    """The issue's stall: a finite loss (about 1e22) whose gradient's norm
+    overflows float32 on every step; 12 steps per epoch."""
+    x = np.random.default_rng(0).standard_normal((192, 6)).astype("float32") * 1e9
+    y = np.full((192, 1), 1e11, "float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1)])
+    model.compile(optimizer=kc.ClippedAdam(0.01, nonfinite=policy), loss="mse")
+    weights = model.get_weights()
+    monitor = GradientMonitor(**kwargs)
+    history = fit_quietly(model, x, y, [monitor, *callbacks], epochs=2)
+    return monitor, history, model, weights
+
+
+@pytest.mark.parametrize(
+    "policy, says",
+    [
+        ("skip", "were all skipped (non-finite gradients, nonfinite='skip'); "
+         "the weights have not changed since the start of training"),
+        ("zero", "all had non-finite gradients, applied as zeros (nonfinite='zero'); "
+         "no gradient has reached the weights since the start of training"),
+    ],
+    ids=["skip", "zero"],
+)
+def test_every_step_overflowing_is_a_stall(capsys, policy, says):
+    monitor, history, model, weights = overflow_run(
+        policy, [keras.callbacks.TerminateOnNaN()]
+    )
+    # The loss is finite and frozen, so TerminateOnNaN never fires.
+    loss = history.history["loss"]
+    assert len(loss) == 2 and all(1e21 < v < 1e23 for v in loss)
+    assert model.optimizer.gradient_stats()["nonfinite_steps"] == 24
+    for a, b in zip(model.get_weights(), weights):
+        np.testing.assert_array_equal(a, b)
+    assert monitor.events[0][:2] == (1, "nonfinite")
+    assert monitor.events[1] == (10, "stall", 10)
+    assert len(monitor.events) == 2
+    nonfinite, stall = printed_alarms(capsys.readouterr().out)
+    assert "non-finite gradient (NaN or Inf) at step 1 (global norm inf)" in nonfinite
+    assert stall == (
+        f"GradientMonitor: training has stalled at step 10: the last 10 steps {says}: "
+        "nothing is being learned."
+    )
+
+
+def test_stall_with_nonfinite_propagate(capsys):
+    monitor, _, _, _ = overflow_run("propagate", stall_steps=4, on_nonfinite=None)
+    assert [e[:2] for e in monitor.events] == [(1, "nonfinite"), (4, "stall")]
+    [stall] = printed_alarms(capsys.readouterr().out)
+    assert stall == (
+        "GradientMonitor: training has stalled at step 4: the last 4 steps all had "
+        "non-finite gradients, applied as they were (nonfinite='propagate'); every "
+        "update since the start of training has applied NaN or Inf: nothing is "
+        "being learned."
+    )
+
+
+def test_stall_fires_once_per_run_of_nonfinite_steps(capsys):
+    # 12 steps; NaN batches on steps 3-5 and 8-10.
+    model = compiled()
+    x, y = nan_batch_data(batch=[2, 3, 4, 7, 8, 9], n=192)
+    monitor = GradientMonitor(stall_steps=3)
+    fit_quietly(model, x, y, [monitor], epochs=1)
+    assert monitor.events[1::2] == [(5, "stall", 3), (10, "stall", 3)]
+    assert [e[:2] for e in monitor.events[::2]] == [(3, "nonfinite"), (8, "nonfinite")]
+    alarms = printed_alarms(capsys.readouterr().out)
+    assert alarms[1] == (
+        "GradientMonitor: training has stalled at step 5: the last 3 steps were all "
+        "skipped (non-finite gradients, nonfinite='skip'); the weights have not "
+        "changed since step 2: nothing is being learned."
+    )
+    assert "at step 10: the last 3 steps" in alarms[3] and "since step 7" in alarms[3]
+    assert finite_weights(model)
+
+
+def test_stall_count_with_steps_per_execution():
+    # Steps 3-12 of 12 are non-finite. In executions of 4 steps, the first
+    # (steps 1-4) ends a run the monitor counts from 1 (it cannot tell that
+    # step 3 was non-finite too), so it counts 5 at step 8, not 6.
+    events = {}
+    for spe in (1, 4):
+        model = compiled(spe=spe)
+        x, y = nan_batch_data(batch=range(2, 12), n=192)
+        monitor = GradientMonitor(stall_steps=6, on_nonfinite=None, on_stall=None)
+        fit(model, x, y, [monitor], epochs=1)
+        events[spe] = [e for e in monitor.events if e.kind == "stall"]
+    assert events[1] == [(8, "stall", 6)]
+    assert events[4] == [(12, "stall", 9)]
+
+
+# Explode and vanish.
+
+
+def alarm_run(capsys, spike=False, vanish=False, **kwargs):
     """24 steps of 8 samples: steady, or a 1000x spike at step 16, or zero
     gradients from step 13 on."""
     x, y = data(192)
@@ -202,46 +341,138 @@ def alarm_run(spike=False, vanish=False, **kwargs):
         model=small_model(bias=not vanish),
     )
     monitor = GradientMonitor(**kwargs)
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        fit(model, x, y, [monitor], epochs=1, batch_size=8)
-    alarms = [str(w.message) for w in record if issubclass(w.category, GradientAlarmWarning)]
-    return monitor, alarms, model
+    fit_quietly(model, x, y, [monitor], epochs=1, batch_size=8)
+    return monitor, printed_alarms(capsys.readouterr().out), model
 
 
-def test_steady_run_triggers_no_alarm():
-    monitor, alarms, _ = alarm_run()
+def test_steady_run_triggers_no_alarm(capsys):
+    monitor, alarms, _ = alarm_run(capsys)
     assert monitor.events == [] and alarms == []
 
 
-def test_spike_triggers_exactly_the_explode_alarm():
-    monitor, alarms, model = alarm_run(spike=True, patience=3)
+def test_spike_triggers_exactly_the_explode_alarm(capsys):
+    monitor, alarms, model = alarm_run(capsys, spike=True, patience=3)
     [event] = monitor.events
     assert (event.step, event.kind) == (16, "explode")
     assert event.value > 100.0
     [message] = alarms
     assert f"exploding gradient at step 16: global norm {event.value:.4g} is" in message
-    assert "the typical norm" in message and "(explode_factor=10)" in message
+    ratio, limit = (float(part.split("x")[0]) for part in message.split(" is ")[1:])
+    assert f"{ratio:.3g}x the typical norm " in message and ratio > 100.0
+    assert 10.0 <= limit < 20.0  # explode_factor, or a little more: norms vary
+    assert message.endswith(
+        "x (explode_factor=10, or 6 spreads where the recent norms are noisy)."
+    )
     assert finite_weights(model)
 
 
-def test_vanishing_triggers_exactly_the_vanish_alarm():
-    monitor, alarms, _ = alarm_run(vanish=True, patience=5)
+def test_explode_factor_and_warmup_steps(capsys):
+    monitor, [message], _ = alarm_run(capsys, spike=True)
+    ratio = float(message.split(" is ")[1].split("x")[0])
+    assert ratio > 100.0
+    for kwargs, fires in [
+        (dict(explode_factor=ratio * 0.9), True),
+        (dict(explode_factor=ratio * 1.1), False),
+        (dict(warmup_steps=15), True),  # 15 finite steps came before the spike
+        (dict(warmup_steps=16), False),
+    ]:
+        monitor, _, _ = alarm_run(capsys, spike=True, **kwargs)
+        assert [(e.step, e.kind) for e in monitor.events] == (
+            [(16, "explode")] if fires else []
+        ), kwargs
+
+
+def test_vanishing_triggers_exactly_the_vanish_alarm(capsys):
+    monitor, alarms, _ = alarm_run(capsys, vanish=True, patience=5)
     assert [(e.step, e.kind, e.value) for e in monitor.events] == [(17, "vanish", 0.0)]
     [message] = alarms
     assert "vanishing gradient at step 17: global norm 0 has been below" in message
     assert "vanish_threshold=1e-07 for 5 consecutive steps (patience=5)" in message
 
 
-def test_an_alarm_with_action_none_is_recorded_silently():
-    monitor, alarms, _ = alarm_run(spike=True, on_explode=None)
+def test_an_alarm_with_action_none_is_recorded_silently(capsys):
+    monitor, alarms, _ = alarm_run(capsys, spike=True, on_explode=None)
     assert [(e.step, e.kind) for e in monitor.events] == [(16, "explode")]
     assert alarms == []
 
 
-def test_explode_raise():
+def test_explode_raise(capsys):
     with pytest.raises(GradientAlarmError, match="exploding gradient at step 16"):
-        alarm_run(spike=True, on_explode="raise")
+        alarm_run(capsys, spike=True, on_explode="raise")
+
+
+# A norm that drifts: a bidirectional LSTM whose gradient norm grows about
+# sevenfold while it learns.
+
+
+def sequence_task(n=512, length=40, seed=0):
+    """Is the sum of a sequence's first feature positive? 10% of labels flipped."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, length, 3)).astype("float32")
+    y = x[:, :, 0].sum(1) > 0
+    y = np.where(rng.random(n) < 0.1, ~y, y)[:, None].astype("float32")
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def bilstm():
+    """5 epochs of 32 steps with a `GradientMonitor`; the model trains on in
+    `test_bilstm_spike_raises_the_explode_alarm`."""
+    keras.utils.set_random_seed(0)
+    x, y = sequence_task()
+    inputs = keras.Input(x.shape[1:])
+    h = keras.layers.Bidirectional(keras.layers.LSTM(8))(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(h))
+    model.compile(
+        optimizer=kc.ClippedAdam(learning_rate=3e-3),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+    monitor, recorder = GradientMonitor(), Recorder()
+    # Sample weights of 1 here, so the spiked epoch runs the same traced step.
+    history = model.fit(
+        x, y, sample_weight=np.ones(len(x), "float32"), batch_size=16, epochs=5,
+        shuffle=False, verbose=0, callbacks=[monitor, recorder],
+    )
+    norms = np.array([s["grad_norm"] for s in recorder.steps])
+    return model, monitor, list(monitor.events), history.history, norms
+
+
+@pytest.mark.slow
+def test_bilstm_whose_norm_drifts_while_it_learns_raises_no_alarm(bilstm):
+    _, _, events, h, norms = bilstm
+    assert h["accuracy"][-1] > h["accuracy"][0] + 0.2  # it learns
+    assert h["grad_norm"][-1] > 4.0 * h["grad_norm"][0]  # and its norm drifts
+    # The rule this replaced, max norm > 10x the median of the last 100
+    # batches' means (after 10 steps), raised alarms on this run.
+    old = [
+        step for step in range(11, len(norms) + 1)
+        if norms[step - 1] > 10.0 * np.median(norms[max(0, step - 101) : step - 1])
+    ]
+    assert len(old) >= 2
+    assert events == []
+
+
+@pytest.mark.slow
+def test_bilstm_spike_raises_the_explode_alarm(bilstm, capsys):
+    # One batch of the sixth epoch weighs 100x: its gradient is 100x what it
+    # would be. (Scaling a batch's inputs by 100 does not make a spike here:
+    # the LSTM's gates saturate.)
+    model, monitor, _, _, _ = bilstm
+    x, y = sequence_task()
+    weights = np.ones(len(x), "float32")
+    weights[20 * 16 : 21 * 16] = 100.0
+    recorder = Recorder()
+    model.fit(
+        x, y, sample_weight=weights, batch_size=16, epochs=1, shuffle=False,
+        verbose=0, callbacks=[monitor, recorder],
+    )
+    step = 5 * 32 + 21
+    assert monitor.events == [(step, "explode", recorder.steps[20]["grad_norm"])]
+    [message] = printed_alarms(capsys.readouterr().out)
+    ratio, limit = (float(part.split("x")[0]) for part in message.split(" is ")[1:])
+    assert message.startswith(f"GradientMonitor: exploding gradient at step {step}")
+    assert ratio > 30.0 and limit > 10.0  # the recent norms' spread set the limit
 
 
 # steps_per_execution.
@@ -454,6 +685,14 @@ def test_multi_optimizer_is_a_clear_error():
         (dict(vanish_threshold=None), TypeError, "Received: vanish_threshold=None"),
         (dict(patience=0), ValueError, "`patience` must be in [1, inf]. Received: patience=0"),
         (dict(patience=True), TypeError, "Received: patience=True"),
+        (dict(stall_steps=0), ValueError,
+         "`stall_steps` must be in [1, inf]. Received: stall_steps=0"),
+        (dict(stall_steps=2.5), TypeError,
+         "`stall_steps` must be an integer. Received: stall_steps=2.5"),
+        (dict(on_stall="stall"), ValueError,
+         '`on_stall` must be one of "warn", "stop", "raise" or None. '
+         "Received: on_stall='stall'"),
+        (dict(on_stall=0), TypeError, "Received: on_stall=0"),
         (dict(on_nonfinite="ignore"), ValueError,
          '`on_nonfinite` must be one of "warn", "stop", "raise" or None. '
          "Received: on_nonfinite='ignore'"),
@@ -470,18 +709,23 @@ def test_bad_arguments(kwargs, err, msg):
 def test_config_round_trip():
     monitor = GradientMonitor(
         stats=["grad_norm", "loss_scale"], per_layer=True, explode_factor=5,
-        warmup_steps=3, vanish_threshold=1e-5, patience=4, on_nonfinite="stop",
-        on_explode="raise", on_vanish=None,
+        warmup_steps=3, vanish_threshold=1e-5, patience=4, stall_steps=7,
+        on_nonfinite="stop", on_stall="raise", on_explode="raise", on_vanish=None,
     )
     config = monitor.get_config()
+    assert config["stall_steps"] == 7 and config["on_stall"] == "raise"
     assert GradientMonitor.from_config(config).get_config() == config
     serialized = keras.saving.serialize_keras_object(monitor)
     assert serialized["registered_name"] == "keras_clip>GradientMonitor"
     assert keras.saving.deserialize_keras_object(serialized).get_config() == config
-    assert GradientMonitor.from_config(GradientMonitor().get_config()).stats == DEFAULT
+    default = GradientMonitor.from_config(GradientMonitor().get_config())
+    assert default.stats == DEFAULT
+    assert (default.stall_steps, default.on_stall) == (10, "warn")
 
 
 def test_exported():
     assert kc.GradientMonitor is GradientMonitor
     assert "GradientMonitor" in kc.__all__
+    # Kept for code that imports or filters it; alarms print (see fit_quietly).
     assert issubclass(GradientAlarmWarning, UserWarning)
+    assert KINDS == ("nonfinite", "stall", "explode", "vanish")

@@ -9,7 +9,6 @@ gradient and never touches the data.
 import collections
 import logging
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -31,9 +30,13 @@ STATS = (
 )
 DEFAULT_STATS = ("grad_norm", "grad_norm_max", "clipped_grad_norm", "clip_rate")
 ACTIONS = ("warn", "stop", "raise")
-KINDS = ("nonfinite", "explode", "vanish")
-# The typical norm is the median of the means of this many recent windows.
-TYPICAL_WINDOWS = 100
+KINDS = ("nonfinite", "stall", "explode", "vanish")
+# The explode check reads the log10 of the mean norms of this many recent
+# batches (executions, with `steps_per_execution > 1`) ...
+RECENT_BATCHES = 50
+# ... and fires this many robust standard deviations above their median
+# (when that is more than `explode_factor`).
+SPREADS = 6.0
 
 GradientEvent = collections.namedtuple("GradientEvent", ["step", "kind", "value"])
 GradientEvent.__doc__ = """An alarm raised by `GradientMonitor`.
@@ -42,15 +45,21 @@ Fields:
     step: The optimizer's `iterations` after the step that raised it (the
         first step is step 1; with `steps_per_execution > 1`, the last step
         of the execution in which it happened).
-    kind: `"nonfinite"`, `"explode"` or `"vanish"`.
+    kind: `"nonfinite"`, `"stall"`, `"explode"` or `"vanish"`.
     value: The global gradient norm that raised it (for `"explode"` the
         largest norm of the execution; for `"nonfinite"` the last step's norm,
-        NaN when that step itself was finite).
+        NaN when that step itself was finite); for `"stall"`, the number of
+        consecutive non-finite steps counted.
 """
 
 
 class GradientAlarmWarning(UserWarning):
-    """Warned by `GradientMonitor` for an alarm whose action is `"warn"`."""
+    """No longer emitted: kept so that code importing or filtering it runs.
+
+    `GradientMonitor` used to raise its `"warn"` alarms as this warning; it
+    now prints them on a line of their own, like Keras's callbacks (see
+    `GradientMonitor`). Silence an alarm with `on_<kind>=None`.
+    """
 
 
 class GradientAlarmError(RuntimeError):
@@ -94,19 +103,45 @@ class GradientMonitor(keras.callbacks.Callback):
 
     ```
     nonfinite: a step's gradient held a NaN or an Inf
-    explode:   max norm > explode_factor * typical norm
+    stall:     the last `stall_steps` steps all held a NaN or an Inf
+    explode:   max norm > typical * max(explode_factor, 10 ** (6 * spread))
     vanish:    norm < vanish_threshold for `patience` consecutive steps
     ```
 
-    The typical norm is the median of the mean norms of the last 100 batches
-    (of their executions with `steps_per_execution > 1`), updated after the
-    check; a median is not dragged up by the spike it has to detect, and
-    follows a lasting change of scale within 50 batches. The explode check
-    starts after `warmup_steps` finite steps. An alarm fires once when its
-    condition starts and again only after the condition has cleared; every
-    alarm is recorded in `events`, whatever its action. Steps that a
-    `LossScaleOptimizer` skips (float16 overflow) never reach the inner
-    optimizer and raise no alarm.
+    A stall means nothing is being learned: with the default
+    `nonfinite="skip"` the weights stay as they are, and the loss may stay
+    finite, so `keras.callbacks.TerminateOnNaN` never fires. With
+    `steps_per_execution > 1`, an execution in which only some steps were
+    non-finite restarts the count at 1 if its last step was non-finite, else
+    at 0 (the monitor sees counts per execution, not the order of the steps
+    within one), so the count may fall short of the true run by up to
+    `steps_per_execution - 1` steps.
+
+    The explode check compares with the last 50 batches (executions, with
+    `steps_per_execution > 1`), on a log scale, where `n` are their mean
+    norms:
+
+    ```
+    typical = 10 ** median(log10(n))
+    spread  = 1.4826 * median(|log10(n) - median(log10(n))|)
+    ```
+
+    `spread` is a robust standard deviation of `log10(n)` (the median
+    absolute deviation, scaled to a normal's). Medians are not dragged up by
+    the spike they have to detect; a recent window follows a norm that drifts
+    as training goes on (a recurrent network's can grow several-fold over a
+    few epochs of healthy training); and where the norms are noisy, a spike
+    must stand out of their spread, not only exceed `explode_factor` times
+    the typical norm. Both are updated after the check, which starts after
+    `warmup_steps` finite steps.
+
+    An alarm fires once when its condition starts and again only after the
+    condition has cleared; every alarm is recorded in `events`, whatever its
+    action. `"warn"` prints the alarm on a line of its own, the way Keras's
+    callbacks print (to stdout, or to the `"keras_clip"` logger when
+    interactive logging is off: `keras.config.disable_interactive_logging()`).
+    Steps that a `LossScaleOptimizer` skips (float16 overflow) never reach
+    the inner optimizer and raise no alarm.
 
     Use one monitor per model: it starts a new statistics window at every
     batch end.
@@ -121,20 +156,24 @@ class GradientMonitor(keras.callbacks.Callback):
             norm of that layer's gradients, before clipping), per epoch, in
             `History.history["grad_norm/<layer name>"]`, not in the progress
             bar. Defaults to `False`.
-        explode_factor: Float > 1: a norm this many times the typical norm
-            is exploding. Defaults to 10.0.
+        explode_factor: Float > 1: the least multiple of the typical norm
+            that is exploding (where the recent norms are noisy, a spike
+            must also be 6 spreads above the typical norm). Defaults to 10.0.
         warmup_steps: Int >= 0: finite steps seen before the explode check
             starts. Defaults to 10.
         vanish_threshold: Positive float: a global norm below it is
             vanishing. Defaults to 1e-7.
         patience: Int >= 1: consecutive vanishing steps before the vanish
             alarm fires. Defaults to 10.
-        on_nonfinite: What a non-finite gradient does: `"warn"` (a
-            `GradientAlarmWarning` naming the step, the norm and the typical
-            norm), `"stop"` (sets `model.stop_training`, so training ends
+        stall_steps: Int >= 1: consecutive non-finite steps before the
+            stall alarm fires. Defaults to 10.
+        on_nonfinite: What a non-finite gradient does: `"warn"` (prints a
+            line naming the step, the norm and the typical norm), `"stop"`
+            (prints it and sets `model.stop_training`, so training ends
             after this batch, like `keras.callbacks.TerminateOnNaN`),
             `"raise"` (a `GradientAlarmError`) or `None` (recorded in
             `events` only). Defaults to `"warn"`.
+        on_stall: The same, for a stall. Defaults to `"warn"`.
         on_explode: The same, for an exploding gradient. Defaults to `"warn"`.
         on_vanish: The same, for a vanishing gradient. Defaults to `"warn"`.
 
@@ -166,7 +205,9 @@ class GradientMonitor(keras.callbacks.Callback):
         warmup_steps=10,
         vanish_threshold=1e-7,
         patience=10,
+        stall_steps=10,
         on_nonfinite="warn",
+        on_stall="warn",
         on_explode="warn",
         on_vanish="warn",
     ):
@@ -189,7 +230,11 @@ class GradientMonitor(keras.callbacks.Callback):
         self.patience = _checks.number(
             "patience", patience, low=1, low_open=False, integer=True
         )
+        self.stall_steps = _checks.number(
+            "stall_steps", stall_steps, low=1, low_open=False, integer=True
+        )
         self.on_nonfinite = _check_action("on_nonfinite", on_nonfinite)
+        self.on_stall = _check_action("on_stall", on_stall)
         self.on_explode = _check_action("on_explode", on_explode)
         self.on_vanish = _check_action("on_vanish", on_vanish)
         self.events = []
@@ -197,9 +242,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self._alarm_state()
 
     def _alarm_state(self):
-        self._means = collections.deque(maxlen=TYPICAL_WINDOWS)
-        self._seen = 0  # finite steps behind `_means`, for the warmup
+        self._log_norms = collections.deque(maxlen=RECENT_BATCHES)
+        self._seen = 0  # finite steps seen, for the warmup
         self._low = 0  # consecutive steps below `vanish_threshold`
+        self._nonfinite_run = 0  # consecutive non-finite steps
         self._active = dict.fromkeys(KINDS, False)
 
     # Callback hooks.
@@ -276,20 +322,26 @@ class GradientMonitor(keras.callbacks.Callback):
     # Alarms.
 
     def _typical(self):
-        return float(np.median(self._means)) if self._means else None
+        """`(typical, spread)` of the recent norms (`None` before any)."""
+        if not self._log_norms:
+            return None, None
+        logs = np.array(self._log_norms)
+        center = np.median(logs)
+        spread = 1.4826 * np.median(np.abs(logs - center))
+        return float(10.0**center), float(spread)
 
     def _check(self, stats, last):
         """The alarms that fire on this batch, as `(kind, message)` pairs.
 
-        Records them in `events` and updates the alarm state (the typical
-        norm after the explode check).
+        Records them in `events` and updates the alarm state (the recent
+        norms after the explode check).
         """
         step = stats["iterations"]
         span = step - last["iterations"]
         where = f"step {step}" if span <= 1 else f"steps {step - span + 1}-{step}"
         n = stats["window_steps"]
         norm_max = stats["window_norm_max"]
-        typical = self._typical()
+        typical, spread = self._typical()
         typ = "not known yet" if typical is None else f"{typical:.4g}"
         fired = []
 
@@ -297,14 +349,14 @@ class GradientMonitor(keras.callbacks.Callback):
             self.events.append(GradientEvent(step, kind, value))
             fired.append((kind, f"GradientMonitor: {message}"))
 
+        new_steps = stats["steps"] - last["steps"]
         nonfinite = stats["nonfinite_steps"] - last["nonfinite_steps"]
+        last_nonfinite = not math.isfinite(stats["grad_norm"])
         if nonfinite and not self._active["nonfinite"]:
             # The last step's norm, if that step is the non-finite one.
-            value = stats["grad_norm"]
-            last = not math.isfinite(value)
-            value = value if last else math.nan
+            value = stats["grad_norm"] if last_nonfinite else math.nan
             what = "gradient" if nonfinite == 1 else f"gradient on {nonfinite} steps"
-            norm = f" (global norm {value})" if last else ""
+            norm = f" (global norm {value})" if last_nonfinite else ""
             policy = _POLICY.get(self._optimizer.nonfinite, "")
             fire(
                 "nonfinite",
@@ -312,24 +364,38 @@ class GradientMonitor(keras.callbacks.Callback):
                 f"non-finite {what} (NaN or Inf) at {where}{norm}; typical "
                 f"norm {typ}. {policy}",
             )
-        if nonfinite or stats["steps"] > last["steps"]:
+        if new_steps:
             self._active["nonfinite"] = bool(nonfinite)
+            # A run of non-finite steps goes on through an execution whose
+            # steps were all non-finite; else it restarts at its last step.
+            if nonfinite == new_steps:
+                self._nonfinite_run += new_steps
+            else:
+                self._nonfinite_run = int(last_nonfinite)
+        run = self._nonfinite_run
+        stalled = run >= self.stall_steps
+        if stalled and not self._active["stall"]:
+            per_update = self._optimizer.gradient_accumulation_steps or 1
+            since = step - run * per_update
+            fire("stall", run, _stall_message(
+                where, run, since, self._optimizer.nonfinite
+            ))
+        self._active["stall"] = stalled
         if not n:
             return fired
 
-        spike = (
-            typical is not None
-            and typical > 0
-            and self._seen >= self.warmup_steps
-            and norm_max > self.explode_factor * typical
-        )
+        spike = False
+        if typical is not None and self._seen >= self.warmup_steps:
+            limit = max(self.explode_factor, 10.0 ** (SPREADS * spread))
+            spike = norm_max > limit * typical
         if spike and not self._active["explode"]:
             fire(
                 "explode",
                 norm_max,
                 f"exploding gradient at {where}: global norm {norm_max:.4g} is "
-                f"{norm_max / typical:.3g}x the typical norm {typ} "
-                f"(explode_factor={self.explode_factor:g}).",
+                f"{norm_max / typical:.3g}x the typical norm {typ}; the limit "
+                f"is {limit:.3g}x (explode_factor={self.explode_factor:g}, or "
+                f"{SPREADS:g} spreads where the recent norms are noisy).",
             )
         self._active["explode"] = spike
 
@@ -350,7 +416,9 @@ class GradientMonitor(keras.callbacks.Callback):
             )
         self._active["vanish"] = vanishing
 
-        self._means.append(stats["window_norm_sum"] / n)
+        mean = stats["window_norm_sum"] / n
+        if mean > 0:  # an all-zero gradient has no scale to learn from
+            self._log_norms.append(math.log10(mean))
         self._seen += n
         return fired
 
@@ -359,7 +427,7 @@ class GradientMonitor(keras.callbacks.Callback):
         for kind, message in fired:
             action = getattr(self, f"on_{kind}")
             if action == "warn":
-                warnings.warn(GradientAlarmWarning(message), stacklevel=2)
+                _print(message)
             elif action == "stop":
                 self.model.stop_training = True
                 _print(f"{message} Stopping training.")
@@ -378,7 +446,9 @@ class GradientMonitor(keras.callbacks.Callback):
             "warmup_steps": self.warmup_steps,
             "vanish_threshold": self.vanish_threshold,
             "patience": self.patience,
+            "stall_steps": self.stall_steps,
             "on_nonfinite": self.on_nonfinite,
+            "on_stall": self.on_stall,
             "on_explode": self.on_explode,
             "on_vanish": self.on_vanish,
         }
@@ -429,6 +499,25 @@ _POLICY = {
         "It was applied (nonfinite='propagate'): the weights may now hold NaN."
     ),
 }
+
+
+def _stall_message(where, run, since, policy):
+    """What a stall of `run` steps means, under each `nonfinite` policy."""
+    since = f"step {since}" if since > 0 else "the start of training"
+    what = {
+        "skip": "were all skipped (non-finite gradients, nonfinite='skip'); "
+        f"the weights have not changed since {since}",
+        "zero": "all had non-finite gradients, applied as zeros "
+        f"(nonfinite='zero'); no gradient has reached the weights since {since}",
+        "propagate": "all had non-finite gradients, applied as they were "
+        f"(nonfinite='propagate'); every update since {since} has applied "
+        "NaN or Inf",
+    }[policy]
+    return (
+        f"training has stalled at {where}: the last {run} steps {what}: "
+        "nothing is being learned."
+    )
+
 
 _ZERO = {
     "steps": 0,
@@ -532,8 +621,8 @@ def _check_action(name, value):
 
 
 def _print(message):
-    """Prints like Keras's progress bar (to stdout, or to the log)."""
+    """Prints like Keras's callbacks: on a line of its own, or to the log."""
     if keras.config.is_interactive_logging_enabled():
-        print(message, flush=True)
+        print(f"\n{message}", flush=True)
     else:
         _logger.warning(message)
