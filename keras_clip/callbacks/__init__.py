@@ -2,6 +2,5 @@
 
 from keras_clip.callbacks.histogram import GradientHistogramLogger
 from keras_clip.callbacks.monitor import GradientAlarmError
-from keras_clip.callbacks.monitor import GradientAlarmWarning
 from keras_clip.callbacks.monitor import GradientEvent
 from keras_clip.callbacks.monitor import GradientMonitor

@@ -15,6 +15,7 @@ import numpy as np
 from keras import ops
 
 from keras_clip import _checks
+from keras_clip import backend
 from keras_clip.optimizers import BUILTIN
 from keras_clip.optimizers import ClippingMixin
 
@@ -51,15 +52,6 @@ Fields:
         NaN when that step itself was finite); for `"stall"`, the number of
         consecutive non-finite steps counted.
 """
-
-
-class GradientAlarmWarning(UserWarning):
-    """No longer emitted: kept so that code importing or filtering it runs.
-
-    `GradientMonitor` used to raise its `"warn"` alarms as this warning; it
-    now prints them on a line of their own, like Keras's callbacks (see
-    `GradientMonitor`). Silence an alarm with `on_<kind>=None`.
-    """
 
 
 class GradientAlarmError(RuntimeError):
@@ -143,6 +135,17 @@ class GradientMonitor(keras.callbacks.Callback):
     Steps that a `LossScaleOptimizer` skips (float16 overflow) never reach
     the inner optimizer and raise no alarm.
 
+    The loss Keras logs: with `nonfinite="skip"` (or `"zero"`), a batch whose
+    loss is NaN or Inf trains nothing, but Keras's running mean of the loss
+    would stay NaN for the rest of the epoch, and `History`, the progress
+    bar, `TerminateOnNaN`, `EarlyStopping` and `ReduceLROnPlateau` would act
+    on that. The monitor makes the logged `loss` the mean over the batches
+    whose loss is finite (for every callback, whatever their order), and NaN
+    only while the epoch has had no such batch yet. A batch whose loss is
+    finite counts, even if its step was skipped for a non-finite gradient:
+    that loss is a true measurement. With `nonfinite="propagate"` the loss
+    is left as Keras logs it.
+
     Use one monitor per model: it starts a new statistics window at every
     batch end.
 
@@ -176,6 +179,8 @@ class GradientMonitor(keras.callbacks.Callback):
         on_stall: The same, for a stall. Defaults to `"warn"`.
         on_explode: The same, for an exploding gradient. Defaults to `"warn"`.
         on_vanish: The same, for a vanishing gradient. Defaults to `"warn"`.
+        filter_nonfinite_loss: Bool: leave batches whose loss is not finite
+            out of the loss Keras logs (see above). Defaults to `True`.
 
     Attributes:
         events: The alarms so far, a list of `GradientEvent(step, kind,
@@ -210,9 +215,16 @@ class GradientMonitor(keras.callbacks.Callback):
         on_stall="warn",
         on_explode="warn",
         on_vanish="warn",
+        filter_nonfinite_loss=True,
     ):
         super().__init__()
         self.stats = _check_stats(stats)
+        if not isinstance(filter_nonfinite_loss, bool):
+            raise TypeError(
+                "`filter_nonfinite_loss` must be a bool. "
+                f"Received: filter_nonfinite_loss={filter_nonfinite_loss!r}"
+            )
+        self.filter_nonfinite_loss = filter_nonfinite_loss
         if not isinstance(per_layer, bool):
             raise TypeError(
                 f"`per_layer` must be a bool. Received: per_layer={per_layer!r}"
@@ -249,6 +261,19 @@ class GradientMonitor(keras.callbacks.Callback):
         self._active = dict.fromkeys(KINDS, False)
 
     # Callback hooks.
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Before `fit` makes its train function, which must hold the filter.
+        optimizer = getattr(model, "optimizer", None)
+        while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            optimizer = optimizer.inner_optimizer
+        if (
+            self.filter_nonfinite_loss
+            and isinstance(optimizer, ClippingMixin)
+            and optimizer.nonfinite != "propagate"
+        ):
+            backend.filter_nonfinite_loss(model)
 
     def on_train_begin(self, logs=None):
         optimizer, self._loss_scaler = _unwrap(self.model.optimizer)
@@ -451,6 +476,7 @@ class GradientMonitor(keras.callbacks.Callback):
             "on_stall": self.on_stall,
             "on_explode": self.on_explode,
             "on_vanish": self.on_vanish,
+            "filter_nonfinite_loss": self.filter_nonfinite_loss,
         }
 
     @classmethod
