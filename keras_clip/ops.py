@@ -19,11 +19,10 @@ from keras_clip import backend
 
 # Whole-tensor sums of at least this many elements are taken as a
 # matrix-vector product: XLA's CPU reductions run on one thread, its dots do
-# not (2.6x faster on a 262,144-element tensor here, and more accurate).
+# not (faster on large tensors, and more accurate; benchmarks/README.md).
 _MATVEC_MIN_SIZE = 1 << 16
 # The product's rows: 256 elements for one sum; several sums stacked per row
-# run faster on rows of 1024 (three sums over 64 x 262,144 elements: 2.30 ms
-# against 2.82 ms here; one sum takes the same time either way).
+# run faster on rows of 1024 (one sum takes the same time either way).
 _MATVEC_WIDTH = 256
 _MATVEC_WIDTH_STACKED = 1024
 
@@ -272,8 +271,7 @@ def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_square=None):
     known. The flags and the squared norm are taken from the scale (a unit is
     clipped exactly where its scale is below 1): computed from the norms
     instead, the flags were a kernel of their own that each tensor's scale,
-    and so its update, waited for (AGC's step: 1.16 of Adam's on 64 tensors,
-    against 1.10-1.12 now).
+    and so its update, waited for.
     """
     if g_square is None:
         g_square = _unitwise_sq_norm(g, axis)

@@ -196,10 +196,8 @@ class UpdateChain:
 
     Each variable waits for the one `lanes` places before it, not the one
     right before: with two lanes XLA runs one variable's fusion while the
-    other's waits for its threads. (On 64 x 262,144 float32 with Adam, the
-    norm then the update took 1.067 of Adam's step with one lane, 1.017 with
-    two and 1.039 with four; with one lane a thread taken by another process
-    stalled the whole update.)
+    other's waits for its threads (with one lane, a thread taken by another
+    process stalls the whole update; measurements in benchmarks/README.md).
     """
 
     def __init__(self, lanes=2):

@@ -139,7 +139,7 @@ def _count(index, length):
 
         # A constant size compiles under XLA, also inside the step's `cond`
         # (`tf.math.bincount` and `ops.bincount` derive the size from the
-        # data, which XLA cannot always resolve there); 2-4x faster than the
+        # data, which XLA cannot always resolve there), and faster than the
         # segment sum on CPU.
         return tf.raw_ops.DenseBincount(
             input=index,
