@@ -12,6 +12,7 @@ from keras_clip.clippers import GlobalNormClip
 from keras_clip.clippers import NormClip
 from keras_clip.clippers import ValueClip
 from keras_clip.clippers import ZClip
+from keras_clip.finder import suggest_threshold
 from keras_clip.optimizers import ClippedAdadelta
 from keras_clip.optimizers import ClippedAdafactor
 from keras_clip.optimizers import ClippedAdagrad
@@ -59,4 +60,5 @@ __all__ = [
     "ZClip",
     "clipped",
     "ops",
+    "suggest_threshold",
 ]

@@ -1,4 +1,4 @@
-"""Command line: `python -m keras_clip demo`.
+"""Command line: `python -m keras_clip demo` and `python -m keras_clip suggest`.
 
 The demo trains one small ReLU RNN twice on the same data from the same initial
 weights, once with plain `keras.optimizers.Adam` and once with
@@ -44,6 +44,7 @@ UNITS = 32
 GAIN = 2.5  # scale of the (orthogonal) recurrent kernel at initialization
 LEARNING_RATE = 0.005
 EPOCHS = 15
+SUGGEST_STEPS = 100
 
 
 def make_data(seed):
@@ -173,6 +174,24 @@ def conclusion(rows):
     )
 
 
+def run_suggest(steps=SUGGEST_STEPS, seed=0, percentile=90.0, verbose="auto"):
+    """Measures the demo model's gradient norms with plain Adam; returns the report.
+
+    The demo's data and model (same seed, same initial weights) compiled with
+    `keras.optimizers.Adam`, measured by `keras_clip.suggest_threshold`.
+    """
+    keras.utils.set_random_seed(seed)
+    x, y = make_data(seed)
+    model = make_model(seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE), loss="mse", jit_compile=True
+    )
+    return keras_clip.suggest_threshold(
+        model, (x, y), steps=steps, percentile=percentile, batch_size=BATCH_SIZE,
+        verbose=verbose,
+    )
+
+
 def _checked(convert, check, requirement):
     """An argparse `type` that converts, then checks the value."""
 
@@ -189,7 +208,7 @@ def _checked(convert, check, requirement):
 
 
 def make_parser():
-    """The argument parser: one subcommand, `demo`."""
+    """The argument parser: two subcommands, `demo` and `suggest`."""
     parser = argparse.ArgumentParser(
         prog="python -m keras_clip", description="keras-clip command line."
     )
@@ -219,6 +238,27 @@ def make_parser():
         default=1.0,
         help="the clipper's threshold, the clip factor for agc (default: 1.0)",
     )
+    suggest = commands.add_parser(
+        "suggest",
+        help="measure the demo RNN's gradient norms and suggest a clipping threshold",
+        description=(
+            "Runs keras_clip.suggest_threshold on the demo's task (the same data "
+            "and initial weights, plain Adam) and prints the report."
+        ),
+    )
+    suggest.add_argument(
+        "--steps",
+        type=_checked(int, lambda v: v >= 1, "must be at least 1"),
+        default=SUGGEST_STEPS,
+        help=f"training steps to measure (default: {SUGGEST_STEPS})",
+    )
+    suggest.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    suggest.add_argument(
+        "--percentile",
+        type=_checked(float, lambda v: 0 < v <= 100, "must be in (0, 100]"),
+        default=90.0,
+        help="the percentile of the norms to suggest (default: 90)",
+    )
     return parser
 
 
@@ -229,6 +269,10 @@ def main(argv=None):
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.command == "suggest":
+        report = run_suggest(args.steps, args.seed, args.percentile)
+        print(report)
+        return 0
     rows = run_demo(args.epochs, args.seed, args.clipper, args.max_norm)
     print(format_table(rows))
     print(conclusion(rows))
