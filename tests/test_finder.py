@@ -19,9 +19,10 @@ def linear_model(bias=True):
     model = keras.Sequential([
         keras.Input((2,)),
         keras.layers.Dense(
-            1, use_bias=bias, kernel_initializer="zeros", bias_initializer="zeros"
+            1, use_bias=bias, kernel_initializer="zeros", bias_initializer="zeros",
+            name="dense",
         ),
-    ])
+    ], name="linear")  # named: auto names depend on what the process built before
     return model
 
 
@@ -82,7 +83,7 @@ def test_exact_norms_percentiles_and_suggestions_on_a_linear_model():
     # the kernel's sum of squares (25 k^2): its norm 5k is exact. The global
     # norm sqrt(26 k^2) is one rounding of a sqrt: within U relative.
     assert report.steps == 20 and report.norms.shape == (20,)
-    assert report.variables == ["sequential/dense/kernel", "sequential/dense/bias"]
+    assert report.variables == ["linear/dense/kernel", "linear/dense/bias"]
     np.testing.assert_array_equal(report.variable_sizes, [2, 1])
     np.testing.assert_array_equal(report.variable_norms, np.stack([kernel, bias], 1))
     reference = np.sqrt(kernel**2 + bias**2)
@@ -101,8 +102,8 @@ def test_exact_norms_percentiles_and_suggestions_on_a_linear_model():
     assert report.suggestions["norm"] == np.percentile(step_max, 90)
     assert report.suggestions["value"] == np.percentile(rms.max(1), 90)
     assert report.per_variable == {
-        "sequential/dense/kernel": np.percentile(kernel, 90),
-        "sequential/dense/bias": np.percentile(bias, 90),
+        "linear/dense/kernel": np.percentile(kernel, 90),
+        "linear/dense/bias": np.percentile(bias, 90),
     }
     # The k = 9 steps (2 of 20) lie above every 90th percentile here.
     assert report.clip_fraction["global_norm"] == np.mean(
