@@ -1,7 +1,14 @@
 """keras-clip: gradient clipping for Keras 3 that is correct, adaptive,
 observable and free of cost."""
 
-from keras_clip import ops
+from keras_clip import _quiet
+
+if _quiet.on_command_line():
+    # `python -m keras_clip` and `keras-clip`: TensorFlow's start-up log must
+    # not come before the command's own first line.
+    _quiet.import_quietly("keras")
+
+from keras_clip import ops  # noqa: E402
 from keras_clip.callbacks import GradientHistogramLogger
 from keras_clip.callbacks import GradientMonitor
 from keras_clip.clippers import AdaGC

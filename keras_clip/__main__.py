@@ -5,18 +5,17 @@ then with `ClippedAdam` and each clipper (keras_clip/_demo.py), prints a table
 and writes TensorBoard logs and a plot. `suggest` measures the demo network's
 gradient norms and suggests a clipping threshold (`keras_clip.suggest_threshold`).
 
-This module imports Keras only when a command runs, after the command's
-first line, with TensorFlow's C++ startup log silenced. Python imports the
-`keras_clip` package before this module, though, and the package imports
-Keras: until it stops doing so for the command line, TensorFlow's startup
-lines still come first (tests/test_demo.py marks that as an expected failure).
+Python imports the `keras_clip` package before this module, and the package
+imports Keras with TensorFlow's C++ start-up log silenced when it sees the
+command line (keras_clip/_quiet.py): nothing comes before a command's own
+first line.
 """
 
 import argparse
-import importlib
 import os
 import sys
-import tempfile
+
+from keras_clip import _quiet
 
 # The demo's clipped runs and defaults (keras_clip/_demo.py's `CLIPPERS` and
 # `EPOCHS`, repeated here so that `--help` and argument errors need no Keras;
@@ -27,48 +26,13 @@ DEMO_OUT = "keras_clip_demo"
 SUGGEST_STEPS = 100
 
 
-def _import_quietly(name):
-    """Imports module `name` with TensorFlow's C++ startup log silenced.
-
-    `TF_CPP_MIN_LOG_LEVEL=3` (unless set) hides TensorFlow's C++ log; the lines
-    it writes before its logging starts (`cudart_stub.cc`,
-    `absl::InitializeLog`, `failed call to cuInit` when its devices are first
-    listed) go to file descriptor 2 directly: it points to a temporary file
-    during the import, and what was written there is replayed to stderr if
-    the import fails.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as log:
-            os.dup2(log.fileno(), 2)
-            failed = True
-            try:
-                module = importlib.import_module(name)
-                if "tensorflow" in sys.modules:
-                    sys.modules["tensorflow"].config.list_physical_devices()
-                failed = False
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
-                if failed:
-                    log.seek(0)
-                    sys.stderr.write(log.read().decode(errors="replace"))
-                    sys.stderr.flush()
-    finally:
-        os.close(saved)
-    return module
-
-
 def run_suggest(steps=SUGGEST_STEPS, seed=0, percentile=90.0, verbose="auto"):
     """Measures the demo model's gradient norms with plain Adam; returns the report.
 
     The demo's data and model (same seed, same initial weights) compiled with
     `keras.optimizers.Adam`, measured by `keras_clip.suggest_threshold`.
     """
-    demo = _import_quietly("keras_clip._demo")
+    demo = _quiet.import_quietly("keras_clip._demo")
     keras = demo.keras
     keras.utils.set_random_seed(seed)
     x, y = demo.make_data(seed)
@@ -211,7 +175,7 @@ def main(argv=None):
         f"{', '.join(clippers)}.",
         flush=True,
     )
-    demo = _import_quietly("keras_clip._demo")
+    demo = _quiet.import_quietly("keras_clip._demo")
     rows = demo.run_demo(args.epochs, args.seed, clippers, args.out)
     print(demo.summary(rows, args.out))
     return 0

@@ -190,15 +190,6 @@ def test_demo_command_prints_progress_table_and_paths(cli_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "keras_clip/__init__.py imports Keras, and so TensorFlow, before "
-        "`python -m keras_clip` runs __main__.py: TensorFlow's startup lines "
-        "come first, and TF_CPP_MIN_LOG_LEVEL is set too late to keep XLA's "
-        "log lines out of the progress"
-    ),
-)
 def test_nothing_but_the_demos_own_lines(cli_run):
     proc, _ = cli_run
     lines = proc.stdout.splitlines()
