@@ -13,8 +13,9 @@ Algorithms", 4.2). A step sums at most BATCH terms; the run takes STEPS steps;
 and the run magnifies a relative error of u in its weights by a factor the
 program measures in float64 for each case (it perturbs the starting weights
 by u). Measured here, oneDNN on and off: float32 runs sit at 0.02-0.45 of
-that bound. Clipping each replica's part before the sum is off by 0.27
-relative, about 2,000 times the largest bound.
+that bound, whose largest value is 1.2e-4. Keras's own global_clipnorm,
+which clips each replica's part before the sum, ends 2.1 relative away from
+its float64 run here (test_the_bound_catches_clipping_before_the_sum).
 """
 
 import json
