@@ -359,7 +359,13 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         # Keras traces the train function on its first call; a new one makes
         # the probe part of it (also when a previous `fit` traced one).
         self.model.make_train_function(force=True)
-        probed = _ReleaseOnError(self.model.train_function, self._release)
+        traced_step = self.model.train_function
+
+        def probed(*args, **kwargs):
+            # Keras skips `on_train_end` when `fit` raises: release here.
+            with self._released_on_error():
+                return traced_step(*args, **kwargs)
+
         self.model.train_function = probed
         self._traced = {
             "optimizer": opt,
@@ -597,25 +603,6 @@ def _missing_entries(grad, variable):
     if None not in shape and int(np.prod(shape)) == size:
         return None
     return size - ops.size(grad)
-
-
-class _ReleaseOnError:
-    """A train function that releases the logger when it raises.
-
-    Keras does not call `on_train_end` when `fit` raises: the probe and the
-    probed train function would stay on the optimizer and the model.
-    """
-
-    def __init__(self, function, release):
-        self._function = function
-        self._release = release
-
-    def __call__(self, *args, **kwargs):
-        try:
-            return self._function(*args, **kwargs)
-        except BaseException:
-            self._release()
-            raise
 
 
 # Event-file writers: the same summaries through TensorFlow or TensorBoard.
