@@ -265,9 +265,7 @@ class GradientMonitor(keras.callbacks.Callback):
     def set_model(self, model):
         super().set_model(model)
         # Before `fit` makes its train function, which must hold the filter.
-        optimizer = getattr(model, "optimizer", None)
-        while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            optimizer = optimizer.inner_optimizer
+        optimizer = _inner(getattr(model, "optimizer", None))
         if (
             self.filter_nonfinite_loss
             and isinstance(optimizer, ClippingMixin)
@@ -576,11 +574,9 @@ def _loss_scale(optimizer):
 def _unwrap(optimizer):
     """The keras-clip optimizer and the outer `LossScaleOptimizer` (or None)."""
     received = f"Received: optimizer={optimizer!r}"
-    loss_scaler = None
-    inner = optimizer
-    while isinstance(inner, keras.optimizers.LossScaleOptimizer):
-        loss_scaler = loss_scaler or inner
-        inner = inner.inner_optimizer
+    wrapped = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+    loss_scaler = optimizer if wrapped else None
+    inner = _inner(optimizer)
     if isinstance(inner, ClippingMixin):
         return inner, loss_scaler
     if isinstance(inner, keras.optimizers.MultiOptimizer):
@@ -602,6 +598,13 @@ def _unwrap(optimizer):
         "class: `keras_clip.clipped(cls)`; it also takes Keras's `clipnorm`, "
         f"`clipvalue` and `global_clipnorm`). {received}"
     )
+
+
+def _inner(optimizer):
+    """The optimizer inside any `LossScaleOptimizer` wrappers."""
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
 
 
 def _layer_names(model):
