@@ -99,7 +99,7 @@ class ClippingMixin:
         super().__init__(*args, **kwargs)
         self.clipper = clipper
         self.nonfinite = nonfinite
-        self._gradient_probes = ()
+        self._histograms = None
 
     def build(self, variables):
         if self.built:
@@ -167,21 +167,21 @@ class ClippingMixin:
                 "(it is not built yet)."
             )
 
-    def add_gradient_probe(self, probe):
-        """Registers `probe(grads, variables, step)`, called inside each step.
+    def record_gradient_histograms(self, histograms):
+        """Counts gradient magnitudes into `histograms` from the next trace on.
 
-        For callbacks that need more than the built-in statistics (e.g. the
-        histogram logger): `grads` are the gradients before clipping, in the
-        order of `variables`, and `step` is the update step's index. A probe
-        must keep its own state in variables it created outside the step.
-        The train function has to be re-traced for a new probe to run.
+        Args:
+            histograms: A `keras_clip.stats.GradientHistograms` request (the
+                step then counts every `histograms.freq`-th update's
+                gradients, before clipping), or `None` to stop counting.
+
+        Returns:
+            Whether the request changed: the step must then be traced again
+            to follow it (`model.make_train_function(force=True)`).
         """
-        self._gradient_probes = tuple(self._gradient_probes) + (probe,)
-
-    def remove_gradient_probe(self, probe):
-        self._gradient_probes = tuple(
-            p for p in self._gradient_probes if p is not probe
-        )
+        changed = histograms is not self._histograms
+        self._histograms = histograms
+        return changed
 
     # The step.
 
@@ -237,8 +237,8 @@ class ClippingMixin:
             squares, sums = kc_ops._sq_norms(values), None
         norm = ops.sqrt(ops.sum(squares))
         finite = ops.isfinite(norm)
-        for probe in self._gradient_probes:
-            probe(values, variables, self.iterations)
+        if self._histograms is not None:
+            self._record_histograms(values, variables)
         if self.nonfinite in ("zero", "skip"):
             # Zero the gradient of a non-finite step: "zero" applies it, "skip"
             # masks its assignments, and both keep NaN out of every product
@@ -381,6 +381,22 @@ class ClippingMixin:
             apply()
         for name, value in updates.items():
             assign(distribution, self._stats[name], value)
+
+    def _record_histograms(self, grads, variables):
+        histograms = self._histograms
+
+        def count():
+            new = histograms.updates(
+                grads, variables, self.iterations, backend.bincount
+            )
+            for variable, value in new:
+                variable.assign(value)
+            return []
+
+        backend.run_if(
+            histograms.due(self.iterations), count, lambda: [],
+            [histograms.counts, histograms.step],
+        )
 
     def _scatter_norms(self, norms, variables):
         """Per-variable norms laid out like the optimizer's variable list."""

@@ -5,6 +5,8 @@ Python numbers for `opt.gradient_stats()` and the callbacks. Nothing here
 recomputes gradients.
 """
 
+import keras
+import numpy as np
 from keras import ops
 
 # name -> dtype, in creation order (part of the saved state layout).
@@ -92,3 +94,143 @@ def read(variables):
 def read_variable_norms(variables):
     """The last step's per-variable gradient norms, as a NumPy array."""
     return ops.convert_to_numpy(variables["variable_norms"].value)
+
+
+# Histograms of log10|g|, counted in the step on request (see
+# `ClippingMixin.record_gradient_histograms`).
+
+
+class GradientHistograms:
+    """A request for bucket counts of `log10|g|`, per group of variables.
+
+    A reader (`GradientHistogramLogger`) creates one and hands it to the
+    optimizer's `record_gradient_histograms`; from then on the step counts
+    the gradients (before clipping) of every `freq`-th update, the first
+    included, into `counts` (one row of `len(edges) + 3` buckets per group,
+    see `bucket_counts`) and writes that update's index into `step`. The
+    counts live in variables of this object, not of the optimizer: they are
+    a reading, not training state, and are not saved with the model.
+
+    Args:
+        edges: 1-D float32 NumPy array of strictly increasing edges.
+        freq: Positive int: count every `freq` updates.
+        groups: Dict of variable path -> group index (0 .. n - 1); a
+            variable not in it is not counted.
+    """
+
+    def __init__(self, edges, freq, groups):
+        self.edges = np.asarray(edges, "float32")
+        self.freq = int(freq)
+        self.groups = dict(groups)
+        rows = max(self.groups.values(), default=-1) + 1
+        self.counts = keras.Variable(
+            np.zeros((max(rows, 1), len(self.edges) + 3), "int32"),
+            trainable=False,
+            name="gradient_histogram_counts",
+        )
+        self.step = keras.Variable(
+            np.array(-1, "int64"), trainable=False, name="gradient_histogram_step"
+        )
+
+    def due(self, step):
+        """Whether update `step` is counted (a bool tensor)."""
+        return ops.equal(step % self.freq, 0)
+
+    def updates(self, grads, variables, step, bincount):
+        """The new counts and step for update `step` (pure).
+
+        Args:
+            grads: The step's gradients before clipping (dense values; a
+                sparse gradient's rows), in the order of `variables`.
+            variables: The variables they belong to.
+            step: The update's index.
+            bincount: `bincount(index, length)`, a fixed-length count that
+                compiles with XLA (the backend's).
+
+        Returns:
+            A list of `(variable, new value)` pairs.
+        """
+        length = len(self.edges) + 3
+        rows = [None] * self.counts.shape[0]
+        for g, v in zip(grads, variables):
+            i = self.groups.get(_path(v))
+            if i is None:
+                continue
+            c = bucket_counts(g, self.edges, bincount)
+            missing = _missing_entries(g, v)
+            if missing is not None:  # sparse: the absent rows are zeros
+                c = c + ops.cast(missing, "int32") * ops.one_hot(0, length, dtype="int32")
+            rows[i] = c if rows[i] is None else rows[i] + c
+        zeros = ops.zeros((length,), "int32")
+        return [
+            (self.counts, ops.stack([zeros if r is None else r for r in rows])),
+            (self.step, ops.cast(step, "int64")),
+        ]
+
+    def read(self):
+        """`(step, counts)` of the last counted update, as Python int and
+        NumPy array (host read; `step` is -1 before the first)."""
+        step = int(ops.convert_to_numpy(self.step.value))
+        return step, ops.convert_to_numpy(self.counts.value)
+
+
+def bucket_counts(grad, edges, bincount):
+    """Counts the entries of `grad` in the buckets of `log10|grad|`.
+
+    With `E = len(edges)`, the `E + 3` buckets are, in order:
+
+    ```
+    0          zeros          g == 0
+    1          underflow      0 < |g|,  log10|g| < edges[0]
+    1 + i      bin i          edges[i - 1] <= log10|g| < edges[i]  (i = 1..E-1)
+    E + 1      overflow       edges[-1] <= log10|g|,  g finite
+    E + 2      non-finite     NaN, +inf, -inf
+    ```
+
+    In float32 and XLA-compatible. Evenly spaced edges use the bin formula
+    `floor((log10|g| - edges[0]) / width)` (like `tf.histogram_fixed_width`);
+    other edges a binary search. Either way an entry within float32 rounding
+    of an edge may land on either side of it.
+
+    Args:
+        grad: A tensor of any shape and float dtype.
+        edges: 1-D float32 NumPy array of strictly increasing edges.
+        bincount: `bincount(index, length)` (see `GradientHistograms.updates`).
+
+    Returns:
+        An int32 tensor of shape `(len(edges) + 3,)` that sums to the size of
+        `grad`.
+    """
+    n_edges = len(edges)
+    length = n_edges + 3
+    a = ops.abs(ops.reshape(ops.cast(grad, "float32"), (-1,)))
+    finite = ops.isfinite(a)
+    positive = ops.logical_and(finite, a > 0)
+    x = ops.log10(ops.where(positive, a, ops.ones((), a.dtype)))
+    if _is_uniform(edges):
+        low = float(edges[0])
+        width = (float(edges[-1]) - low) / (n_edges - 1)
+        b = ops.floor((x - low) / width) + 1.0
+        b = ops.cast(ops.clip(b, 0.0, float(n_edges)), "int32")
+    else:
+        b = ops.cast(ops.searchsorted(ops.array(edges), x, side="right"), "int32")
+    index = ops.where(positive, b + 1, ops.where(finite, 0, n_edges + 2))
+    return ops.reshape(ops.cast(bincount(index, length), "int32"), (length,))
+
+
+def _is_uniform(edges):
+    diffs = np.diff(np.asarray(edges).astype("float64"))
+    return bool(np.allclose(diffs, diffs[0], rtol=1e-5, atol=0.0))
+
+
+def _path(variable):
+    return getattr(variable, "path", None) or variable.name
+
+
+def _missing_entries(grad, variable):
+    """How many entries of `variable` a (sparse) gradient leaves out, or None."""
+    size = int(np.prod(variable.shape))
+    shape = tuple(grad.shape)
+    if None not in shape and int(np.prod(shape)) == size:
+        return None
+    return size - ops.size(grad)

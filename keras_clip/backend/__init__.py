@@ -28,6 +28,25 @@ def run_if(pred, fn, fallback, protect):
     return tree.map_structure(lambda a, b: ops.where(pred, a, b), out, fallback())
 
 
+def bincount(index, length):
+    """How many entries of the int32 `index` hold each value in `[0, length)`.
+
+    Of fixed length, so it compiles with XLA, also inside `run_if`
+    (`ops.bincount` derives its length from the data, which XLA cannot
+    always resolve there).
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # A fixed-size DenseBincount: 2-4x faster than a segment sum on CPU.
+        return tf.raw_ops.DenseBincount(
+            input=index,
+            size=tf.constant(length, index.dtype),
+            weights=tf.zeros((0,), "int32"),
+        )
+    return ops.segment_sum(ops.ones_like(index), index, num_segments=length)
+
+
 def _is_sparse(value):
     if keras.backend.backend() != "tensorflow":
         return False
