@@ -1,6 +1,8 @@
 """GradientHistogramLogger: bucket counts vs NumPy, event files read back by
-TensorBoard's own reader, and a real TensorBoard server."""
+TensorBoard's own reader, a real TensorBoard server, and the contract that the
+callback reads the step and does not rewrite it."""
 
+import ast
 import json
 import math
 import os
@@ -19,9 +21,10 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import keras_clip as kc
+from keras_clip import backend
+from keras_clip import stats
 from keras_clip.callbacks import histogram
 from keras_clip.callbacks.histogram import GradientHistogramLogger
-from keras_clip.callbacks.histogram import bucket_counts
 from keras_clip.callbacks.histogram import bucket_edges
 
 DEFAULT_EDGES = np.linspace(-12.0, 4.0, 65).astype("float32")
@@ -29,6 +32,11 @@ UNEVEN_EDGES = np.array([-9.0, -6.5, -5.0, -3.3, -3.0, -1.0, 0.0, 2.5], "float32
 
 
 # NumPy references.
+
+
+def bucket_counts(grad, edges):
+    """The counts the step takes, with the backend's fixed-length bincount."""
+    return stats.bucket_counts(grad, edges, backend.bincount)
 
 
 def np_buckets(values, edges):
@@ -186,7 +194,9 @@ def test_jax_backend_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError) as info:
         logger.on_train_begin()
     assert str(info.value).endswith("Received: backend='jax'")
-    assert model.optimizer._gradient_probes == ()
+    # Nothing was asked of the optimizer, nothing created in `log_dir`.
+    assert model.optimizer.record_gradient_histograms(None) is False
+    assert not any(tmp_path.iterdir())
 
 
 # Bucket counts against NumPy.
@@ -270,7 +280,9 @@ def drive(log_dir, steps, **kwargs):
         apply([tf.constant(grads[v.path]) for v in variables])
         logger.on_train_batch_end(t)
     logger.on_train_end()
-    assert opt._gradient_probes == ()
+    assert logger._writer_ is None
+    # The optimizer keeps the request (see the class docstring).
+    assert opt.record_gradient_histograms(logger._histograms) is False
     return logger
 
 
@@ -409,74 +421,161 @@ def test_fit_with_keras_tensorboard_in_the_same_run(tmp_path, jit):
             assert total == size
     assert [s for s, _ in series(acc, "gradient_stats/clip_rate")] == [0, 4, 8]
 
-    # A second `fit` re-traces the step with the probe and goes on counting.
+    # A second `fit` goes on counting, stamped by the optimizer's steps.
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[logger])
     points = series(read_run(tmp_path), "gradients/hidden")
     assert [s for s, _ in points] == [0, 4, 8, 12, 16]
-    assert model.optimizer._gradient_probes == ()
 
 
-def test_fit_again_reuses_the_step_traced_with_the_probe(tmp_path):
+# The callback reads the step; it does not rewrite it.
+
+
+def test_module_neither_imports_backend_nor_assigns_the_train_function():
+    tree = ast.parse(open(histogram.__file__).read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported |= {f"{node.module}.{a.name}" for a in node.names}
+            imported.add(node.module)
+    assert "keras_clip.stats" in imported  # the walk sees the imports
+    assert not {n for n in imported if n.startswith("keras_clip.backend")}
+    assert not any(value is backend for value in vars(histogram).values())
+    targets = [
+        t for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign))
+        for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+    ]
+    attributes = {t.attr for t in targets if isinstance(t, ast.Attribute)}
+    assert "_writer_" in attributes  # the walk sees attribute assignments
+    assert "train_function" not in attributes
+    names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not names & {"run_if", "add_gradient_probe", "remove_gradient_probe"}
+
+
+class Traces:
+    """Counts traces of the step's histogram counting (Python runs only while
+    the step is traced) and records the train functions Keras makes."""
+
+    def __init__(self, monkeypatch, model):
+        self.count = 0
+        self.made = []
+        updates = stats.GradientHistograms.updates
+
+        def traced_updates(request, *args, **kwargs):
+            self.count += 1
+            return updates(request, *args, **kwargs)
+
+        monkeypatch.setattr(stats.GradientHistograms, "updates", traced_updates)
+        make = model.make_train_function
+
+        def recorded_make(force=False):
+            made = make(force=force)
+            # (Keras 3.15 returns None when it makes a new one.)
+            self.made.append((force, model.train_function))
+            return made
+
+        monkeypatch.setattr(model, "make_train_function", recorded_make)
+
+
+def counting_model():
     model = functional_model()
-    opt = kc.ClippedSGD(0.01, global_clipnorm=1.0)
-    model.compile(optimizer=opt, loss="mse", jit_compile=True)
+    model.compile(optimizer=kc.ClippedSGD(0.01, global_clipnorm=1.0), loss="mse",
+                  jit_compile=True)
+    return model
+
+
+def fit3(model, **kwargs):
+    """Three steps, in the same order every time."""
     x, y = data()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, **kwargs)
+
+
+def counted_step(logger):
+    return logger._histograms.read()[0]
+
+
+def logged_steps(log_dir):
+    return [s for s, _ in series(read_run(log_dir), "gradients/hidden")]
+
+
+def test_fit_runs_the_train_function_keras_made(tmp_path, monkeypatch):
+    model = counting_model()
+    fit3(model)
+    plain = model.train_function
+    traces = Traces(monkeypatch, model)
+    logger = GradientHistogramLogger(tmp_path, freq=1)
+    fit3(model, callbacks=[logger])
+    # The request changed: the callback had Keras make a new train function,
+    # which the step ran (and traced with the counting) as Keras made it.
+    assert traces.made[-1][0] is True
+    assert model.train_function is traces.made[-1][1]
+    assert model.train_function is not plain
+    assert traces.count > 0
+    assert logged_steps(tmp_path) == [3, 4, 5]  # the optimizer's steps
+
+
+def test_fit_again_does_not_retrace(tmp_path, monkeypatch):
+    model = counting_model()
+    traces = Traces(monkeypatch, model)
     logger = GradientHistogramLogger(tmp_path, freq=2)
-    # The probe runs in Python only while the step is traced.
-    traces = []
-    probe = logger._probe_fn
-    logger._probe_fn = lambda *args: traces.append(1) or probe(*args)
+    fit3(model, callbacks=[logger])
+    first, train_function = traces.count, model.train_function
+    assert first > 0
+    fit3(model, callbacks=[logger])
+    assert traces.count == first  # no new trace, no new compilation
+    assert model.train_function is train_function
+    assert all(force is False for force, _ in traces.made[2:])
+    assert logged_steps(tmp_path) == [0, 2, 4]
 
-    def fit(**kwargs):
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, **kwargs)  # 3 steps
+    # Another `freq` is another request: traced again.
+    logger.freq = 3
+    fit3(model, callbacks=[logger])
+    assert traces.count > first
+    assert model.train_function is not train_function
+    assert logged_steps(tmp_path) == [0, 2, 4, 6]
 
-    fit(callbacks=[logger])
-    assert traces and model.optimizer._gradient_probes == ()
-    plain, first = model.train_function, len(traces)
-    fit(callbacks=[logger])
-    assert len(traces) == first  # no new trace, no new compilation
-    assert model.train_function is plain
-    assert [s for s, _ in series(read_run(tmp_path), "gradients/hidden")] == [0, 2, 4]
 
-    # Without the logger the step runs without the probe: nothing is counted.
-    fit()
-    assert int(logger._counts_step.numpy()) == 4
-    assert model.optimizer._gradient_probes == ()
+def test_fit_without_the_logger_trains_as_without_it(tmp_path):
+    # Two models with the same weights and data: one with the logger at the
+    # first and third `fit`, one never; the counting changes no update.
+    keras.utils.set_random_seed(3)
+    logged, plain = counting_model(), counting_model()
+    initial = logged.get_weights()
+    plain.set_weights(initial)
+    logger = GradientHistogramLogger(tmp_path, freq=4)
+    fit3(logged, callbacks=[logger])  # steps 0-2: 0 counted and written
+    fit3(logged)  # steps 3-5: 4 counted, not written
+    assert counted_step(logger) == 4
+    assert logged_steps(tmp_path) == [0]
+    fit3(logged, callbacks=[logger])  # steps 6-8: 8 written, not the stale 4
+    assert logged_steps(tmp_path) == [0, 8]
+    for _ in range(3):
+        fit3(plain)
+    assert int(logged.optimizer.iterations.numpy()) == 9
+    for a, b in zip(logged.get_weights(), plain.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(plain.get_weights()[0], initial[0])  # it trained
 
-    # A new train function (compile) is traced with the probe again.
-    model.compile(optimizer=opt, loss="mse", jit_compile=True)
-    fit(callbacks=[logger])
-    assert len(traces) > first
-    assert [s for s, _ in series(read_run(tmp_path), "gradients/hidden")] == [0, 2, 4, 10]
-    assert model.optimizer._gradient_probes == ()
 
+def test_record_none_stops_the_counting_after_a_retrace(tmp_path, monkeypatch):
+    model = counting_model()
+    logger = GradientHistogramLogger(tmp_path, freq=1)
+    fit3(model, callbacks=[logger])
+    assert counted_step(logger) == 2
+    assert model.optimizer.record_gradient_histograms(None) is True
+    model.make_train_function(force=True)
+    traces = Traces(monkeypatch, model)
+    fit3(model)
+    assert int(model.optimizer.iterations.numpy()) == 6
+    assert counted_step(logger) == 2 and traces.count == 0
+    # The logger's next `fit` hands the request back: counted again.
+    fit3(model, callbacks=[logger])
+    assert traces.count > 0 and counted_step(logger) == 8
+    assert logged_steps(tmp_path) == [0, 1, 2, 6, 7, 8]
 
 
 # An unwritable `log_dir`, and a `fit` that raises.
-
-
-def plain_step_model():
-    """A compiled model whose plain train function has run once."""
-    model = functional_model()
-    model.compile(optimizer=kc.ClippedSGD(0.01, global_clipnorm=1.0), loss="mse")
-    x, y = data()
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    return model, model.train_function
-
-
-def assert_left_as_before(model, plain, logger):
-    """No probe, the plain train function, and a `fit` without the logger
-    runs it: nothing is counted (with `freq=1` a probed step counts)."""
-    assert model.optimizer._gradient_probes == ()
-    assert model.train_function is plain
-    assert logger._writer_ is None
-    counted = int(logger._counts_step.numpy())
-    steps = int(model.optimizer.iterations.numpy())
-    x, y = data()
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # 3 steps
-    assert int(model.optimizer.iterations.numpy()) == steps + 3
-    assert int(logger._counts_step.numpy()) == counted
-    assert model.train_function is plain
 
 
 @pytest.mark.parametrize("writer", ["tensorflow", "tensorboard"])
@@ -485,56 +584,19 @@ def test_unwritable_log_dir_fails_before_the_first_step(tmp_path, monkeypatch, w
     blocker = tmp_path / "file"
     blocker.write_text("")
     log_dir = blocker / "logs"  # under a regular file: unwritable, even as root
-    model, plain = plain_step_model()
+    model = counting_model()
+    fit3(model)
+    plain = model.train_function
     steps = int(model.optimizer.iterations.numpy())
-    x, y = data()
     with pytest.raises(ValueError) as info:
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
-                  callbacks=[GradientHistogramLogger(log_dir)])
+        fit3(model, callbacks=[GradientHistogramLogger(log_dir)])
     message = str(info.value)
     assert "cannot write its event files to `log_dir`" in message
     assert message.endswith(f"Received: log_dir={log_dir!r}")
     assert int(model.optimizer.iterations.numpy()) == steps  # no step ran
-    assert model.optimizer._gradient_probes == ()
+    # Nothing was asked of the optimizer; the train function is untouched.
+    assert model.optimizer.record_gradient_histograms(None) is False
     assert model.train_function is plain
-
-
-def test_fit_raising_in_the_step_leaves_optimizer_and_model_as_before(tmp_path):
-    model, plain = plain_step_model()
-    x, y = data(n=80)
-
-    def batches():  # the error surfaces inside the train function
-        for i in range(5):
-            if i == 3:
-                raise RuntimeError("no batch 3")
-            yield x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
-
-    logger = GradientHistogramLogger(tmp_path, freq=1)
-    steps = int(model.optimizer.iterations.numpy())
-    with pytest.raises(Exception, match="no batch 3"):
-        model.fit(batches(), epochs=1, verbose=0, callbacks=[logger])
-    assert int(model.optimizer.iterations.numpy()) == steps + 3
-    # The probe ran (the failed step's own iteration may be there too: the
-    # step's assignment does not wait for the data).
-    assert int(logger._counts_step.numpy()) >= steps + 2
-    assert_left_as_before(model, plain, logger)
-
-
-def test_fit_raising_in_the_loggers_hook_leaves_optimizer_and_model_as_before(
-    tmp_path, monkeypatch
-):
-    model, plain = plain_step_model()
-
-    def full(self, *args):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(histogram._TFWriter, "write", full)
-    logger = GradientHistogramLogger(tmp_path, freq=1)
-    x, y = data()
-    with pytest.raises(OSError, match="disk full"):
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
-    monkeypatch.undo()
-    assert_left_as_before(model, plain, logger)
 
 
 class RaiseOnBatch(keras.callbacks.Callback):
@@ -543,21 +605,58 @@ class RaiseOnBatch(keras.callbacks.Callback):
             raise RuntimeError("callback failed")
 
 
-@pytest.mark.parametrize("release", ["on_train_end", "next_fit"])
-def test_another_callback_raising_is_released_later(tmp_path, release):
-    # Not released when another callback raises (see the class docstring):
-    # the probe stays until `on_train_end()` or this logger's next `fit`.
-    model, plain = plain_step_model()
-    logger = GradientHistogramLogger(tmp_path, freq=1)
+def failing_batches():
+    """Three batches, then an error that surfaces inside the train function."""
     x, y = data()
-    with pytest.raises(RuntimeError, match="callback failed"):
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0,
-                  callbacks=[logger, RaiseOnBatch()])
-    if release == "on_train_end":
-        logger.on_train_end()
+    for i in range(3):
+        yield x[16 * i:16 * (i + 1)], y[16 * i:16 * (i + 1)]
+    raise RuntimeError("no batch 3")
+
+
+@pytest.mark.parametrize("where", ["step", "logger", "other_callback"])
+def test_fit_that_raises_leaves_request_and_model_usable(tmp_path, monkeypatch, where):
+    closed = []
+    close = histogram._TFWriter.close
+    monkeypatch.setattr(
+        histogram._TFWriter, "close", lambda self: closed.append(self) or close(self)
+    )
+    model = counting_model()
+    opt = model.optimizer
+    logger = GradientHistogramLogger(tmp_path, freq=1)
+    if where == "step":
+        with pytest.raises(Exception, match="no batch 3"):
+            model.fit(failing_batches(), epochs=1, shuffle=False, verbose=0,
+                      callbacks=[logger])
+    elif where == "logger":
+        with monkeypatch.context() as patch:
+            patch.setattr(histogram._TFWriter, "write",
+                          lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+            with pytest.raises(OSError, match="disk full"):
+                fit3(model, callbacks=[logger])
     else:
-        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[logger])
-    assert_left_as_before(model, plain, logger)
+        with pytest.raises(RuntimeError, match="callback failed"):
+            fit3(model, callbacks=[logger, RaiseOnBatch()])
+    steps = int(opt.iterations.numpy())
+    assert steps >= 1
+    # Keras skipped `on_train_end`: the request stays, the writer is open.
+    request, writer = logger._histograms, logger._writer_
+    assert opt.record_gradient_histograms(request) is False
+    assert writer is not None and writer not in closed
+
+    # Another `fit` without the logger trains (and the step still counts).
+    fit3(model)
+    assert int(opt.iterations.numpy()) == steps + 3
+    assert counted_step(logger) == steps + 2
+    assert writer not in closed
+
+    # The logger's next `fit` closes the writer first, then logs as usual.
+    train_function = model.train_function
+    fit3(model, callbacks=[logger])
+    assert closed[0] is writer
+    assert logger._writer_ is None and len(closed) == 2
+    assert model.train_function is train_function  # the same request
+    assert logged_steps(tmp_path)[-3:] == [steps + 3, steps + 4, steps + 5]
+    assert np.all(np.isfinite(model.get_weights()[0]))
 
 
 def test_fit_steps_per_execution_writes_the_logged_step(tmp_path):

@@ -1,15 +1,14 @@
 """`GradientHistogramLogger`: per-layer histograms of `log10|g|` in TensorBoard.
 
-The bucket counts are computed inside the compiled step, by a gradient probe
-(`ClippingMixin.add_gradient_probe`), only on logging steps: one `run_if` on
-`step % freq == 0` guards them, so the other steps pay one comparison. The
-probe writes the counts into variables the callback owns; the callback reads
-them after the step and writes them as precomputed TensorBoard histograms
-(`tf.summary` cannot run inside an XLA-compiled step, and
-`tf.histogram_fixed_width` does not compile).
+The bucket counts are one of the optimizer's statistics, recorded on request:
+the callback hands the optimizer a `stats.GradientHistograms`
+(`record_gradient_histograms`), the step counts every `freq`-th update into
+it, and the callback reads the counts after the step and writes them as
+precomputed TensorBoard histograms (`tf.summary` cannot run inside an
+XLA-compiled step, and `tf.histogram_fixed_width` does not compile). The
+callback reads the step; it does not rewrite it.
 """
 
-import contextlib
 import importlib.util
 import math
 import numbers
@@ -21,7 +20,7 @@ import numpy as np
 from keras import ops
 
 from keras_clip import _checks
-from keras_clip import backend
+from keras_clip import stats
 from keras_clip.optimizers import BUILTIN
 from keras_clip.optimizers import ClippingMixin
 
@@ -80,73 +79,6 @@ def bucket_edges(bins):
             f"Received: bins={bins!r}"
         )
     return edges32
-
-
-def _is_uniform(edges):
-    diffs = np.diff(edges.astype("float64"))
-    return bool(np.allclose(diffs, diffs[0], rtol=1e-5, atol=0.0))
-
-
-def bucket_counts(grad, edges):
-    """Counts the entries of `grad` in the buckets of `log10|grad|`.
-
-    With `E = len(edges)`, the `E + 3` buckets are, in order:
-
-    ```
-    0          zeros          g == 0
-    1          underflow      0 < |g|,  log10|g| < edges[0]
-    1 + i      bin i          edges[i - 1] <= log10|g| < edges[i]  (i = 1..E-1)
-    E + 1      overflow       edges[-1] <= log10|g|,  g finite
-    E + 2      non-finite     NaN, +inf, -inf
-    ```
-
-    In float32, XLA-compatible, `keras.ops` but for the final count on
-    TensorFlow (a fixed-size `DenseBincount`). Evenly spaced edges use the
-    bin formula `floor((log10|g| - edges[0]) / width)` (like
-    `tf.histogram_fixed_width`); other edges a binary search. Either way an
-    entry within float32 rounding of an edge may land on either side of it.
-
-    Args:
-        grad: A tensor of any shape and float dtype.
-        edges: 1-D float32 NumPy array of strictly increasing edges.
-
-    Returns:
-        An int32 tensor of shape `(len(edges) + 3,)` that sums to the size of
-        `grad`.
-    """
-    n_edges = len(edges)
-    length = n_edges + 3
-    a = ops.abs(ops.reshape(ops.cast(grad, "float32"), (-1,)))
-    finite = ops.isfinite(a)
-    positive = ops.logical_and(finite, a > 0)
-    x = ops.log10(ops.where(positive, a, ops.ones((), a.dtype)))
-    if _is_uniform(edges):
-        low = float(edges[0])
-        width = (float(edges[-1]) - low) / (n_edges - 1)
-        b = ops.floor((x - low) / width) + 1.0
-        b = ops.cast(ops.clip(b, 0.0, float(n_edges)), "int32")
-    else:
-        b = ops.cast(ops.searchsorted(ops.array(edges), x, side="right"), "int32")
-    index = ops.where(positive, b + 1, ops.where(finite, 0, n_edges + 2))
-    counts = _count(index, length)
-    return ops.reshape(ops.cast(counts, "int32"), (length,))
-
-
-def _count(index, length):
-    """`bincount` with a fixed length, XLA-compatible."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        # A constant size compiles under XLA, also inside the step's `cond`
-        # (`tf.math.bincount` and `ops.bincount` derive the size from the
-        # data, which XLA cannot always resolve there), and faster than the
-        # segment sum on CPU.
-        return tf.raw_ops.DenseBincount(
-            input=index,
-            size=tf.constant(length, index.dtype),
-            weights=tf.zeros((0,), "int32"),
-        )
-    return ops.segment_sum(ops.ones_like(index), index, num_segments=length)
 
 
 def _summary_backend():
@@ -210,17 +142,17 @@ class GradientHistogramLogger(keras.callbacks.Callback):
     keras-clip optimizer (possibly inside a `LossScaleOptimizer`), and
     TensorFlow or the `tensorboard` package to write event files. It does
     not support the JAX backend, whose stateless step drops the updates of
-    the variables the callback keeps the counts in.
+    the variables the counts are kept in.
 
-    For a `fit`, the callback adds a gradient probe to the optimizer and
-    gives the model a train function traced with it; `on_train_end` takes
-    both back. Keras skips `on_train_end` when `fit` raises: if the error
-    comes from the train function (the step, or the data it reads, an
-    interrupt included) or from this callback's own hooks, the callback takes
-    them back itself and closes its event file before the error propagates.
-    If another callback raises (or the interrupt comes between steps), the
-    probe and the probed train function stay until this callback's next
-    `fit`, or until `logger.on_train_end()` is called.
+    At the start of `fit` the callback asks the optimizer for the counts
+    (`opt.record_gradient_histograms`) and, if that changes what the step
+    records, has Keras trace the train function again; it never replaces
+    the train function. The optimizer goes on counting every `freq` updates
+    after `fit` (one comparison per step);
+    `opt.record_gradient_histograms(None)` followed by
+    `model.make_train_function(force=True)` stops it. When `fit` raises,
+    Keras skips `on_train_end`: the event file is then closed at the next
+    `fit` with this callback (or by `logger.on_train_end()`).
 
     Args:
         log_dir: String or path: the TensorBoard log directory; the event
@@ -275,12 +207,12 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         self._edges = edges
         self._writer_ = None
         self._optimizer = None
-        self._counts = None
-        self._counts_step = None
-        # The train functions of the last `fit`, without and with the probe.
-        self._traced = None
-        # One bound method, so that `remove_gradient_probe` finds it.
-        self._probe_fn = self._probe
+        # The request handed to the optimizer, reused by later `fit`s while
+        # it still fits (see `_request`).
+        self._histograms = None
+        self._request_key = None
+        self._names = []
+        self._written_step = -1
 
     # Bucket layout.
 
@@ -297,7 +229,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         return left, right
 
     def _group_name(self, variable):
-        path = getattr(variable, "path", None) or variable.name
+        path = _path(variable)
         if self.per == "variable" or "/" not in path:
             return path
         return path.rsplit("/", 1)[0]
@@ -310,19 +242,25 @@ class GradientHistogramLogger(keras.callbacks.Callback):
             # variables: the counts would be dropped without a word.
             raise NotImplementedError(
                 "GradientHistogramLogger does not support the JAX backend: "
-                "its step drops the updates of the callback's variables. "
+                "its stateless step drops the updates of the variables the "
+                "counts are kept in. "
                 "Received: backend='jax'"
             )
         opt = self._clipping_optimizer()
-        if self._optimizer is not None:  # a `fit` that raised elsewhere
-            self._release()
+        self._close_writer()  # left open by a `fit` that raised
         self._open_writer()
-        with self._released_on_error():
-            self._begin(opt)
+        request = self._request(opt)
+        if opt.record_gradient_histograms(request):
+            # The step follows the request from its next trace on.
+            self.model.make_train_function(force=True)
+        self._optimizer = opt
+        self._previous = self._read_steps(opt)
+        # Counts taken while this callback was not listening are not written.
+        self._written_step = request.read()[0]
 
     def _open_writer(self):
         """Creates the event file now: an unwritable `log_dir` fails before
-        anything is registered and before the first step."""
+        the optimizer is asked for anything and before the first step."""
         try:
             self._writer  # noqa: B018 (the property creates the writer)
         except Exception as err:
@@ -334,107 +272,49 @@ class GradientHistogramLogger(keras.callbacks.Callback):
                 f"Received: log_dir={self.log_dir!r}"
             ) from err
 
-    def _begin(self, opt):
-        """Registers the probe and gives the model the probed train function."""
-        variables = [id(v) for v in self.model.trainable_variables]
-        traced = self._traced
-        # The same model, optimizer and variables as at the last `fit`, and
-        # the same train function then: the step traced with the probe still
-        # holds. Reusing it saves a trace and a compilation per `fit` call.
-        reuse = (
-            traced is not None
-            and traced["optimizer"] is opt
-            and traced["variables"] == variables
-            and self.model.train_function is traced["plain"]
-        )
-        if not reuse:
-            self._new_counts()
-        self._optimizer = opt
-        self._previous = self._read_steps(opt)
-        opt.add_gradient_probe(self._probe_fn)
-        if reuse:
-            self.model.train_function = traced["probed"]
-            return
-        plain = self.model.train_function
-        # Keras traces the train function on its first call; a new one makes
-        # the probe part of it (also when a previous `fit` traced one).
-        self.model.make_train_function(force=True)
-        traced_step = self.model.train_function
+    def _request(self, opt):
+        """The `stats.GradientHistograms` for the model's trainable variables.
 
-        def probed(*args, **kwargs):
-            # Keras skips `on_train_end` when `fit` raises: release here.
-            with self._released_on_error():
-                return traced_step(*args, **kwargs)
-
-        self.model.train_function = probed
-        self._traced = {
-            "optimizer": opt,
-            "variables": variables,
-            "plain": plain,
-            "probed": probed,
+        The previous `fit`'s request when the optimizer, the variables, the
+        edges, `freq` and the groups are the same: the optimizer then reports
+        no change, and the step traced with it is not traced again.
+        """
+        trainable = self.model.trainable_variables
+        names = {}
+        groups = {
+            _path(v): names.setdefault(self._group_name(v), len(names))
+            for v in trainable
         }
-
-    def _new_counts(self):
-        """The groups and the variables the step counts into."""
-        groups = {}
-        for v in self.model.trainable_variables:
-            groups.setdefault(self._group_name(v), []).append(v)
-        self._names = list(groups)
-        self._group_of = {
-            _path(v): i for i, vs in enumerate(groups.values()) for v in vs
-        }
-        length = len(self._edges) + 3
-        self._counts = keras.Variable(
-            np.zeros((max(len(self._names), 1), length), "int32"),
-            trainable=False,
-            name="gradient_histogram_counts",
-        )
-        self._counts_step = keras.Variable(
-            np.array(-1, "int64"), trainable=False, name="gradient_histogram_step"
-        )
-        self._written_step = -1
+        key = (opt, [id(v) for v in trainable])
+        old = self._histograms
+        if (
+            old is None
+            or self._request_key != key
+            or old.freq != self.freq
+            or not np.array_equal(old.edges, self._edges)
+            or old.groups != groups
+        ):
+            self._histograms = stats.GradientHistograms(
+                self._edges, self.freq, groups
+            )
+            self._request_key = key
+            self._names = list(names)
+        return self._histograms
 
     def on_train_batch_end(self, batch, logs=None):
-        with self._released_on_error():
-            self._write_if_new()
+        self._write_if_new()
 
     def on_epoch_end(self, epoch, logs=None):
-        with self._released_on_error():
-            if self._writer_ is not None:
-                self._writer_.flush()
+        if self._writer_ is not None:
+            self._writer_.flush()
 
     def on_train_end(self, logs=None):
         try:
             self._write_if_new()
         finally:
-            self._release()
+            self._close_writer()
 
-    @contextlib.contextmanager
-    def _released_on_error(self):
-        try:
-            yield
-        except BaseException:
-            self._release()
-            raise
-
-    def _release(self):
-        """Removes the probe, gives the model back its plain train function
-        and closes the event file."""
-        if self._optimizer is not None:
-            self._optimizer.remove_gradient_probe(self._probe_fn)
-            self._optimizer = None
-            # Later calls (another `fit`) run a step without the probe: the
-            # one the model had before this `fit`, else a new trace.
-            traced = self._traced
-            if (
-                traced is not None
-                and traced["plain"] is not None
-                and self.model.train_function is traced["probed"]
-            ):
-                self.model.train_function = traced["plain"]
-            else:
-                self._traced = None
-                self.model.make_train_function(force=True)
+    def _close_writer(self):
         if self._writer_ is not None:
             self._writer_.close()
             self._writer_ = None
@@ -459,42 +339,6 @@ class GradientHistogramLogger(keras.callbacks.Callback):
             f"Received: optimizer={optimizer!r}"
         )
 
-    # Inside the step.
-
-    def _probe(self, grads, variables, step):
-        """Bins the step's gradients into `self._counts` on logging steps."""
-        # With `gradient_accumulation_steps`, Keras's `iterations` counts
-        # updates, not batches.
-        step = ops.convert_to_tensor(step)
-        length = len(self._edges) + 3
-
-        def count():
-            per_group = [None] * self._counts.shape[0]
-            for g, v in zip(grads, variables):
-                i = self._group_of.get(_path(v))
-                if i is None:  # not trainable when `fit` began
-                    continue
-                c = bucket_counts(g, self._edges)
-                missing = _missing_entries(g, v)
-                if missing is not None:  # sparse: the absent rows are zeros
-                    c = c + ops.cast(missing, "int32") * ops.one_hot(
-                        0, length, dtype="int32"
-                    )
-                per_group[i] = c if per_group[i] is None else per_group[i] + c
-            zeros = ops.zeros((length,), "int32")
-            self._counts.assign(
-                ops.stack([zeros if c is None else c for c in per_group])
-            )
-            self._counts_step.assign(ops.cast(step, "int64"))
-            return []
-
-        backend.run_if(
-            ops.equal(step % self.freq, 0),
-            count,
-            lambda: [],
-            [self._counts, self._counts_step],
-        )
-
     # Writing.
 
     @property
@@ -508,17 +352,16 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         return self._writer_
 
     def _write_if_new(self):
-        if self._counts_step is None:
+        if self._histograms is None:
             return
-        step = int(ops.convert_to_numpy(self._counts_step.value))
+        step, counts = self._histograms.read()
         if step < 0 or step == self._written_step:
             return
         self._written_step = step
-        self._write(step)
+        self._write(step, counts.astype("int64"))
 
-    def _write(self, step):
+    def _write(self, step, counts):
         writer = self._writer
-        counts = ops.convert_to_numpy(self._counts.value).astype("int64")
         left, right = self._histogram_edges()
         description = (
             "log10|g| of the gradients before clipping; underflow and overflow "
@@ -539,28 +382,28 @@ class GradientHistogramLogger(keras.callbacks.Callback):
 
     def _write_scalars(self, writer):
         opt = self._optimizer
-        stats = opt.gradient_stats()
+        current = opt.gradient_stats()
         # The statistics are those of the last step run.
         step = int(ops.convert_to_numpy(opt.iterations)) - 1
-        steps, clipped = stats["steps"], stats["clipped_steps"]
+        steps, clipped = current["steps"], current["clipped_steps"]
         prev_steps, prev_clipped = self._previous
         self._previous = (steps, clipped)
         rate = 0.0
         if steps > prev_steps:
             rate = (clipped - prev_clipped) / (steps - prev_steps)
         values = {
-            "grad_norm": stats["grad_norm"],
-            "clipped_grad_norm": stats["clipped_grad_norm"],
+            "grad_norm": current["grad_norm"],
+            "clipped_grad_norm": current["clipped_grad_norm"],
             "clip_rate": rate,
         }
-        if math.isfinite(stats["clip_threshold"]):
-            values["clip_threshold"] = stats["clip_threshold"]
+        if math.isfinite(current["clip_threshold"]):
+            values["clip_threshold"] = current["clip_threshold"]
         for name, value in values.items():
             writer.write(f"gradient_stats/{name}", value, step, "scalars",
                          _DESCRIPTIONS[name])
         squares = {}
         for path, norm in opt.gradient_norms_by_variable().items():
-            i = self._group_of.get(path)
+            i = self._histograms.groups.get(path)
             if i is not None:
                 squares[i] = squares.get(i, 0.0) + norm * norm
         for i, name in enumerate(self._names):
@@ -571,8 +414,8 @@ class GradientHistogramLogger(keras.callbacks.Callback):
     def _read_steps(opt):
         if not opt.built:
             return (0, 0)
-        stats = opt.gradient_stats()
-        return (stats["steps"], stats["clipped_steps"])
+        current = opt.gradient_stats()
+        return (current["steps"], current["clipped_steps"])
 
     def get_config(self):
         return {
@@ -594,15 +437,6 @@ class GradientHistogramLogger(keras.callbacks.Callback):
 
 def _path(variable):
     return getattr(variable, "path", None) or variable.name
-
-
-def _missing_entries(grad, variable):
-    """How many entries of `variable` a (sparse) gradient leaves out, or None."""
-    size = int(np.prod(variable.shape))
-    shape = tuple(grad.shape)
-    if None not in shape and int(np.prod(shape)) == size:
-        return None
-    return size - ops.size(grad)
 
 
 # Event-file writers: the same summaries through TensorFlow or TensorBoard.
