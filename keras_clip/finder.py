@@ -648,7 +648,7 @@ def _scope(model):
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
-def _variables(model, optimizer):
+def _all_variables(model, optimizer):
     out, seen = [], set()
     for v in [*model.variables, *model.metrics_variables, *optimizer.variables]:
         if id(v) not in seen:
@@ -660,7 +660,7 @@ def _variables(model, optimizer):
 def _snapshot(model, optimizer):
     return [
         (v, np.array(ops.convert_to_numpy(v.value), copy=True))
-        for v in _variables(model, optimizer)
+        for v in _all_variables(model, optimizer)
     ]
 
 

@@ -47,19 +47,71 @@ def _sq_norm(x, axis=None, keepdims=False):
     return ops.sum(x, axis=axis, keepdims=keepdims)
 
 
-def _sq_norms(grads):
-    """The float32 vector of each tensor's sum of squares."""
-    return ops.stack([_sq_norm(g) for g in grads])
+def _square(x):
+    return ops.square(ops.cast(x, "float32"))
 
 
-def _sums(x, terms):
-    """The float32 sum of `term(x)` for each elementwise `term`, in one pass.
+def sum_of_squares(grads):
+    """Each tensor's sum of squares, accumulated in float32.
 
-    Each term's values are cast to float32 before they are summed. On the
-    matrix-vector path (see `_sq_norm`) all terms are taken by one product,
-    which reads `x` once: three sums take 5% longer than one.
+    ```
+    sum_of_squares(g)[i] = sum(g_i ** 2)
+    ```
+
+    Args:
+        grads: List of tensors (no `None`).
+
+    Returns:
+        A float32 vector, one entry per tensor.
+
+    Example:
+
+    >>> np.asarray(sum_of_squares([np.array([3.0]), np.array([1.0, 2.0])])).tolist()
+    [9.0, 5.0]
     """
-    values = [ops.cast(term(x), "float32") for term in terms]
+    return tensor_sums(grads)[:, 0]
+
+
+def tensor_sums(grads, fns=None):
+    """Sums over each tensor of elementwise functions of it, in one pass.
+
+    ```
+    tensor_sums(g, fns)[i, j] = sum(fns[j](g_i))      # in float32
+    ```
+
+    Each function maps a tensor (in its own dtype) to a tensor of its shape,
+    whose values are cast to float32 and summed. All of a tensor's sums are
+    taken together: on large tensors as one matrix-vector product, which
+    reads the tensor once (XLA's CPU reductions run on one thread, its dots
+    do not; see `_MATVEC_MIN_SIZE`).
+
+    Args:
+        grads: List of tensors (no `None`).
+        fns: Sequence of elementwise functions. Defaults to `None`: the
+            square alone (see `sum_of_squares`).
+
+    Returns:
+        A float32 matrix of shape `(len(grads), len(fns))`.
+
+    Example:
+
+    >>> sums = tensor_sums([np.array([3.0, -1.0])], [lambda g: g, lambda g: g > 0])
+    >>> np.asarray(sums).tolist()
+    [[2.0, 1.0]]
+    """
+    fns = (_square,) if fns is None else tuple(fns)
+    if not grads:
+        return ops.zeros((0, len(fns)), "float32")
+    return ops.stack([ops.stack(_sums(g, fns)) for g in grads])
+
+
+def _sums(x, fns):
+    """The float32 sum of `fn(x)` for each elementwise `fn`, in one pass.
+
+    On the matrix-vector path (see `_sq_norm`) all sums are taken by one
+    product, which reads `x` once: three sums take 5% longer than one.
+    """
+    values = [ops.cast(fn(x), "float32") for fn in fns]
     widths = (
         (_MATVEC_WIDTH,) if len(values) == 1
         else (_MATVEC_WIDTH_STACKED, _MATVEC_WIDTH)
@@ -72,19 +124,68 @@ def _sums(x, terms):
     return [ops.sum(v) for v in values]
 
 
-def _scale(norm, max_norm):
-    """`min(1, max_norm / norm)`, safe for zero, NaN and infinite norms.
+def clip_scale(norm, max_norm):
+    """The factor that clips `norm` to `max_norm`: `min(1, max_norm / norm)`.
 
-    Exactly 1 where `norm <= max_norm` (and where `norm` is NaN), so scaling by
-    it returns the tensor bit for bit.
+    ```
+    clip_scale(n, c) = c / n   where n > c
+                       1       elsewhere (n <= c, and n NaN)
+    ```
+
+    Exactly 1 inside the bound, so scaling by it returns a tensor bit for
+    bit; no division of 0 by 0 (a two-sided `where`, no Python branch).
+    Element-wise: `norm` and `max_norm` broadcast.
+
+    Args:
+        norm: Float tensor of norms.
+        max_norm: Positive float tensor or number.
+
+    Returns:
+        A tensor of factors of `norm`'s shape and dtype.
+
+    Example:
+
+    >>> np.asarray(clip_scale(np.array([0.0, 0.5, 4.0]), 2.0)).tolist()
+    [1.0, 1.0, 0.5]
     """
+    norm = ops.convert_to_tensor(norm)
     over = norm > max_norm
     safe_norm = ops.where(over, norm, ops.ones_like(norm))
     return ops.where(over, max_norm / safe_norm, ops.ones_like(norm))
 
 
-def _mul(x, scale):
-    return x * ops.cast(scale, x.dtype)
+def scale(grads, factors):
+    """Multiplies each tensor by its factor, in the tensor's own dtype.
+
+    ```
+    scale(g, f)[i] = g_i * f_i      (or g_i * f for one scalar f)
+    ```
+
+    Args:
+        grads: List of tensors; `None` entries pass through.
+        factors: One scalar for all tensors, or one factor per tensor (a
+            list, or a vector of `len(grads)`); a factor may also be a tensor
+            that broadcasts against its gradient (e.g. one per unit).
+
+    Returns:
+        The list of scaled tensors.
+
+    Example:
+
+    >>> [np.asarray(g).tolist() for g in scale([np.array([2.0]), np.array([4.0])], [0.5, 1.0])]
+    [[1.0], [4.0]]
+    """
+    values, rewrap = backend.split_sparse(grads)
+    if not isinstance(factors, (list, tuple)):
+        factors = ops.convert_to_tensor(factors)
+        factors = (
+            [factors] * len(values) if len(factors.shape) == 0
+            else list(ops.unstack(factors))
+        )
+    return rewrap([
+        None if g is None else g * ops.cast(f, g.dtype)
+        for g, f in zip(values, factors)
+    ])
 
 
 def _split(grads):
@@ -172,7 +273,7 @@ def clip_by_norm(grads, max_norm):
     values, rewrap = backend.split_sparse(grads)
     max_norm = ops.cast(max_norm, "float32")
     return rewrap([
-        None if g is None else _mul(g, _scale(ops.sqrt(_sq_norm(g)), max_norm))
+        None if g is None else g * ops.cast(clip_scale(ops.sqrt(_sq_norm(g)), max_norm), g.dtype)
         for g in values
     ])
 
@@ -201,8 +302,8 @@ def clip_by_global_norm(grads, max_norm):
     """
     values, rewrap = backend.split_sparse(grads)
     norm = global_norm(values)
-    scale = _scale(norm, ops.cast(max_norm, "float32"))
-    return rewrap([None if g is None else _mul(g, scale) for g in values]), norm
+    factor = clip_scale(norm, ops.cast(max_norm, "float32"))
+    return scale(rewrap(values), factor), norm
 
 
 def _unit_axes(ndim, axis):
@@ -264,23 +365,45 @@ def _unitwise_sq_norm(x, axis=None):
     return _sq_norm(x, axis=_unit_axes(len(x.shape), axis), keepdims=True)
 
 
-def _agc_parts(g, p, clip_factor, epsilon, axis=None, g_square=None):
-    """Per-unit AGC scale, over-flags and squared norm after clipping.
+def adaptive_clip_scale(grad, param, clip_factor=0.01, epsilon=1e-3, axis=None,
+                        grad_square=None):
+    """AGC's factor for each unit of one gradient (see `adaptive_grad_clip`).
 
-    `g_square`, if given, is the unit-wise sum of squares of `g`, already
-    known. The flags and the squared norm are taken from the scale (a unit is
-    clipped exactly where its scale is below 1): computed from the norms
-    instead, the flags were a kernel of their own that each tensor's scale,
-    and so its update, waited for.
+    ```
+    scale_i = min(1, clip_factor * max(||W_i||, epsilon) / ||G_i||)
+    ```
+
+    Args:
+        grad: The gradient tensor `G` (dense).
+        param: The matching weight tensor `W`.
+        clip_factor: Positive scalar, the paper's lambda. Defaults to 0.01.
+        epsilon: Positive scalar, the smallest weight norm. Defaults to 1e-3.
+        axis: Axes to reduce over, see `unitwise_norm`. Defaults to `None`.
+        grad_square: Optional float32 tensor, each unit's sum of squares of
+            `grad` (reduced axes kept), if already known.
+
+    Returns:
+        A tuple `(scale, clipped_square)`: the float32 factors, which
+        broadcast against `grad` (a unit is clipped exactly where its factor
+        is below 1), and the float32 sum of squares of `grad * scale`, taken
+        from the factors (no pass over the clipped gradient).
+
+    Example:
+
+    >>> scale, sq = adaptive_clip_scale(np.array([[3.0], [4.0]]), np.array([[30.0], [40.0]]), 0.05)
+    >>> np.asarray(scale).tolist(), float(sq)
+    ([[0.5]], 6.25)
     """
-    if g_square is None:
-        g_square = _unitwise_sq_norm(g, axis)
-    p_norm = ops.maximum(unitwise_norm(p, axis), epsilon)
-    max_norm = clip_factor * p_norm
-    scale = _scale(ops.sqrt(g_square), max_norm)
-    over = scale < 1
-    clipped_sq = ops.sum(ops.where(over, ops.square(max_norm), g_square))
-    return scale, over, clipped_sq
+    if grad_square is None:
+        grad_square = _unitwise_sq_norm(grad, axis)
+    max_norm = clip_factor * ops.maximum(unitwise_norm(param, axis), epsilon)
+    factor = clip_scale(ops.sqrt(grad_square), max_norm)
+    # From the factor, not the norms: flags computed from the norms were a
+    # kernel of their own that each tensor's update waited for.
+    clipped_square = ops.sum(
+        ops.where(factor < 1, ops.square(max_norm), grad_square)
+    )
+    return factor, clipped_square
 
 
 def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None):
@@ -318,6 +441,6 @@ def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None)
             continue
         if rows is not None and not _units_span_rows(len(g.shape), axis):
             p = ops.take(p, rows, axis=0)  # each unit lies within one row
-        scale, _, _ = _agc_parts(g, p, clip_factor, epsilon, axis)
-        out.append(_mul(g, scale))
+        factor, _ = adaptive_clip_scale(g, p, clip_factor, epsilon, axis)
+        out.append(g * ops.cast(factor, g.dtype))
     return rewrap(out)

@@ -1,12 +1,15 @@
 """`Clipped*` optimizers: every Keras optimizer with keras-clip's clipping.
 
 One mixin, `ClippingMixin`, replaces the optimizer's gradient application with
-the keras-clip step (DESIGN.md, "The contract of one optimizer step"):
+the keras-clip step (DESIGN.md, "The contract of one optimizer step"), one
+pipeline in `ClippingMixin._apply_step`:
 
-    accumulate (optional) -> non-finite check -> clip -> weight decay
-    -> update -> EMA -> statistics
+    (accumulate) -> sum across replicas -> non-finite check -> clip
+    -> weight decay -> update -> EMA -> statistics
 
-`clipped(cls)` makes the `Clipped*` class for any Keras optimizer class.
+The Keras hooks it overrides and how the updates run live in
+`keras_clip.backend`. `clipped(cls)` makes the `Clipped*` class for any Keras
+optimizer class; the built-in ones are defined below.
 """
 
 import numpy as np
@@ -21,7 +24,6 @@ from keras_clip import stats
 from keras_clip.clippers import GlobalNormClip
 from keras_clip.clippers import NormClip
 from keras_clip.clippers import ValueClip
-from keras_clip.clippers.base import per_tensor_info
 
 NONFINITE = ("skip", "zero", "propagate")
 # Keras's clipping arguments: the clipper each one stands for, and its threshold.
@@ -50,7 +52,7 @@ _MIXIN_DOC = """
 """
 
 
-class ClippingMixin:
+class ClippingMixin(backend.OptimizerHooks):
     """Adds keras-clip's clipping step to a Keras optimizer class.
 
     Use the ready classes (`ClippedAdam`, ...) or `clipped(cls)`; the mixin is
@@ -90,7 +92,7 @@ class ClippingMixin:
                 _checks.threshold("global_clipnorm", global_clipnorm)
             )
         clipper = clippers.get(clipper)
-        if clipper is not None and clipper._variables is not None:
+        if clipper is not None and clipper._state_variables is not None:
             raise ValueError(
                 "This clipper already belongs to a built optimizer; give each "
                 f"optimizer its own clipper. Received: clipper={clipper!r}"
@@ -107,7 +109,7 @@ class ClippingMixin:
         super().build(variables)
         clipper = self.clipper
         state = {} if clipper is None else clipper.init_state(variables)
-        if clipper is not None and clipper._variables is not None:
+        if clipper is not None and clipper._state_variables is not None:
             raise ValueError(
                 "This clipper already belongs to another optimizer; give each "
                 f"optimizer its own clipper. Received: clipper={clipper!r}"
@@ -157,7 +159,7 @@ class ClippingMixin:
         norms = stats.read_variable_norms(self._stats)
         return {
             getattr(v, "path", v.name): float(n)
-            for v, n in zip(self._trainable_variables, norms)
+            for v, n in zip(backend.trainable_variables(self), norms)
         }
 
     def _check_built(self):
@@ -183,207 +185,73 @@ class ClippingMixin:
         self._histograms = histograms
         return changed
 
-    # The step.
+    # The step (Keras's `apply` calls it through `backend.OptimizerHooks`,
+    # after undoing the loss scale and accumulating gradients).
 
-    def _backend_apply_gradients(self, grads, trainable_variables):
-        if not self.gradient_accumulation_steps:
-            self._clipped_update(grads, trainable_variables)
-            return
-        steps = self.gradient_accumulation_steps
-        accumulators = [
-            self._accumulated_gradients[self._get_variable_index(v)]
-            for v in trainable_variables
+    def _apply_step(self, grads, variables):
+        """One update, in the order of DESIGN.md's step contract."""
+        updates = backend.updates_for(self)  # how this context runs a step
+        grads = updates.all_reduce(grads)  # what a single device would see
+        values, rewrap = backend.split_sparse(grads)
+        state = {name: v.value for name, v in self._clip_state.items()}
+        # One pass over the gradients: their squares, and the sums the rule needs.
+        sums = self._sums(values, state)
+        squares = sums[:, 0]  # (for the statistics, as they were)
+        norm = ops.sqrt(ops.sum(squares))
+        finite = ops.isfinite(norm)  # the non-finite check
+        self._record_histograms(values, variables)  # the raw gradients
+        if self.nonfinite != "propagate":
+            # "zero" applies a zero gradient, "skip" masks the assignments;
+            # both keep NaN out of every product (NaN times 0 is NaN). A
+            # scalar zero: `zeros_like(g)` becomes a constant as large as g.
+            values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
+            sums = ops.where(finite, sums, ops.zeros_like(sums))
+        clip = _Clip(self.clipper, state, sums, self.iterations)
+        keep = finite if self.nonfinite == "skip" else None
+        # Clip, weight decay, update, EMA.
+        updates.apply(self, rewrap(values), variables, clip, keep)
+        updates.assign(self._new_state(clip, state, finite)
+                       + self._new_stats(clip, state, norm, finite, squares, variables))
+
+    def _sums(self, grads, state):
+        terms = () if self.clipper is None else self.clipper.tensor_terms(
+            state, self.iterations
+        )
+        return kc_ops.tensor_sums(grads, (kc_ops._square, *terms))
+
+    def _new_state(self, clip, state, finite):
+        """The clipper's state after the step: adaptive state never ingests a
+        non-finite step."""
+        return [
+            (var, ops.where(finite, clip.new_state.get(name, state[name]), state[name]))
+            for name, var in self._clip_state.items()
         ]
 
-        def update():
-            mean = [(g + a) / steps for g, a in zip(grads, accumulators)]
-            self._clipped_update(mean, trainable_variables)
-            self._backend_reset_gradient_accumulators()
-
-        def accumulate():
-            self._backend_increment_gradient_accumulators(grads, accumulators)
-
-        ops.cond((self._iterations + 1) % steps == 0, update, accumulate)
-
-    def _clipped_update(self, grads, variables):
-        """Non-finite check, clip, weight decay, update, EMA, statistics.
-
-        Under `tf.distribute` with several replicas the gradients are summed
-        across replicas first, so the clipper sees what a single device would
-        see, and every assignment happens once, in cross-replica context.
-        """
-        replica = backend.replica_context()
-        if replica is not None:
-            grads = backend.all_reduce_sum(replica, grads)
-        values, rewrap = backend.split_sparse(grads)
-        current = {k: v.value for k, v in self._clip_state.items()}
-        old_threshold = current.get("threshold", ops.array(np.inf, "float32"))
-        # A per-tensor rule clips each gradient in `update_step` (see below),
-        # except under `tf.distribute`; the sums it needs are taken here.
-        chained = not backend.has_strategy()
-        per_tensor = (
-            chained and self.clipper is not None and self.clipper.per_tensor
-        )
-        threshold = (
-            self.clipper.step_threshold(current, self.iterations)
-            if per_tensor else None
-        )
-        terms = self.clipper.tensor_terms(threshold) if per_tensor else ()
-        if terms:
-            columns = [kc_ops._sums(g, (_square, *terms)) for g in values]
-            squares = ops.stack([c[0] for c in columns])
-            sums = ops.stack([ops.stack(c[1:]) for c in columns])
-        else:
-            squares, sums = kc_ops._sq_norms(values), None
-        norm = ops.sqrt(ops.sum(squares))
-        finite = ops.isfinite(norm)
-        if self._histograms is not None:
-            self._record_histograms(values, variables)
-        if self.nonfinite in ("zero", "skip"):
-            # Zero the gradient of a non-finite step: "zero" applies it, "skip"
-            # masks its assignments, and both keep NaN out of every product
-            # (a NaN times the mask's 0 would still be NaN).
-            # (A scalar zero, not `zeros_like(g)`: TensorFlow folds that into
-            # a constant as large as the gradients when it compiles the step.)
-            values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
-            norm_in = ops.where(finite, norm, ops.zeros_like(norm))
-            squares_in = ops.where(finite, squares, ops.zeros_like(squares))
-            if sums is not None:
-                sums = ops.where(finite, sums, ops.zeros_like(sums))
-        else:
-            norm_in, squares_in = norm, squares
-
-        def clip():
-            if self.clipper is None:
-                info = {"clipped": ops.array(False), "clipped_norm": norm_in}
-                return values, {}, info, old_threshold
-            clipped, new_state, info = self.clipper.update(
-                values, current, variables, norm=norm_in, step=self.iterations,
-                squares=squares_in,
-            )
-            # Adaptive state never ingests a non-finite step.
-            new_state = {
-                k: ops.where(finite, new_state[k], current[k]) for k in current
-            }
-            return clipped, new_state, info, new_state.get("threshold", old_threshold)
-
-        def summary(info, threshold):
-            return [
-                ops.cast(info["clipped_norm"], "float32"),
-                ops.cast(info["clipped"], "bool"),
-                ops.cast(threshold, "float32"),
-            ]
-
-        def skipped():
-            return [ops.zeros((), "float32"), ops.array(False), old_threshold]
-
-        skip = self.nonfinite == "skip"
-        if replica is None:
-            # A skipped step runs like any other, with every assignment masked
-            # (see `assign`): no `cond`, so XLA fuses the mask into the update.
-            # Each variable is decayed and updated in `update_step`, in order,
-            # two at a time (see `backend.UpdateChain`), in reverse: the gradients
-            # the norm read last are still in cache when their update runs. A
-            # per-tensor rule clips each gradient there too, right before its
-            # update.
-            # (Not under a one-device `tf.distribute` strategy: Keras's weight
-            # decay cannot run inside its per-variable update there.)
-            self.__dict__["_update_mask"] = finite if skip else None
-            self.__dict__["_chain"] = backend.UpdateChain() if chained else None
-            try:
-                if per_tensor:
-                    tensor_clip = _TensorClip(
-                        self, variables, threshold, squares_in, sums
-                    )
-                    self.__dict__["_tensor_clip"] = tensor_clip
-                    new_state = {"threshold": ops.where(
-                        finite, tensor_clip.threshold, old_threshold
-                    )}
-                    clipped = values
-                else:
-                    clipped, new_state, info, threshold = clip()
-                for name, var in self._clip_state.items():
-                    var.assign(new_state[name])
-                if not chained:
-                    self._apply_weight_decay(variables)
-                self._backend_update_step(
-                    rewrap(clipped)[::-1], variables[::-1], self.learning_rate
-                )
-                self._moving_average_step()
-                if per_tensor:
-                    info, threshold = tensor_clip.info(), new_state["threshold"]
-            finally:
-                self.__dict__["_update_mask"] = None
-                self.__dict__["_chain"] = None
-                self.__dict__["_tensor_clip"] = None
-            result = summary(info, threshold)
-        else:
-            clipped, new_state, info, threshold = clip()
-            result = summary(info, threshold)
-        if skip:
-            result = [ops.where(finite, a, b) for a, b in zip(result, skipped())]
-        clipped_norm, clipped_flag, threshold = result
-        updates = stats.updates(
+    def _new_stats(self, clip, state, norm, finite, squares, variables):
+        """The statistics after the step (a skipped or zeroed step: none
+        clipped, the threshold unchanged)."""
+        old = state.get("threshold", ops.array(np.inf, "float32"))
+        threshold = clip.new_state.get("threshold", old)
+        clipped_norm, clipped = clip.info(fallback_norm=norm)
+        if self.nonfinite != "propagate":
+            clipped_norm = ops.where(finite, clipped_norm, 0.0)
+            clipped = ops.logical_and(finite, clipped)
+            threshold = ops.where(finite, threshold, old)
+        new = stats.updates(
             self._stats,
             norm=norm,
             clipped_norm=clipped_norm,
-            threshold=threshold,
-            clipped=clipped_flag,
+            threshold=ops.cast(threshold, "float32"),
+            clipped=clipped,
             finite=finite,
             variable_norms=self._scatter_norms(ops.sqrt(squares), variables),
         )
-        if replica is None:
-            for name, value in updates.items():
-                self._stats[name].assign(value)
-            return
-        backend.merge_call(
-            replica,
-            self._cross_replica_update,
-            finite,
-            rewrap(clipped),
-            new_state,
-            updates,
-            variables,
-        )
-
-    def _cross_replica_update(
-        self, distribution, finite, grads, new_state, updates, variables
-    ):
-        """The assignments of a distributed step, once, in cross-replica context.
-
-        Every replica computed the same values (from the same summed
-        gradients), so the first replica's `finite` decides for all of them.
-        """
-        finite = distribution.experimental_local_results(finite)[0]
-        assign = backend.cross_replica_assign
-
-        def apply():
-            for name, var in self._clip_state.items():
-                assign(distribution, var, new_state[name])
-            if self.weight_decay is not None:
-                lr = self.learning_rate
-                for var in variables:
-                    if self._use_weight_decay(var):
-                        backend.cross_replica_decay(
-                            distribution, var, self.weight_decay, lr
-                        )
-            self._distributed_tf_update_step(
-                distribution,
-                [(g, v.value) for g, v in zip(grads, variables)],
-                self.learning_rate,
-            )
-            self._moving_average_step()
-            return []
-
-        if self.nonfinite == "skip":
-            backend.run_if(finite, apply, lambda: [], [])
-        else:
-            apply()
-        for name, value in updates.items():
-            assign(distribution, self._stats[name], value)
+        return [(self._stats[name], value) for name, value in new.items()]
 
     def _record_histograms(self, grads, variables):
         histograms = self._histograms
+        if histograms is None:
+            return
 
         def count():
             new = histograms.updates(
@@ -400,80 +268,15 @@ class ClippingMixin:
 
     def _scatter_norms(self, norms, variables):
         """Per-variable norms laid out like the optimizer's variable list."""
-        index = [self._get_variable_index(v) for v in variables]
-        if index == list(range(len(self._trainable_variables))):
+        everything = backend.trainable_variables(self)
+        index = [backend.variable_index(self, v) for v in variables]
+        if index == list(range(len(everything))):
             return norms
         # Some variables had no gradient this step: they get a zero norm.
-        columns = [ops.zeros((), "float32")] * len(self._trainable_variables)
+        columns = [ops.zeros((), "float32")] * len(everything)
         for i, j in enumerate(index):
             columns[j] = norms[i]
         return ops.stack(columns)
-
-    def _moving_average_step(self):
-        """Keras's EMA update, through `assign` so that a skip skips it too."""
-        if not self.use_ema:
-            return
-        pairs = [
-            (var, average)
-            for var, average in zip(
-                self._trainable_variables, self._model_variables_moving_average
-            )
-            if average is not None
-        ]
-        not_first = ops.not_equal(self.iterations, 0)
-        for var, average in pairs:
-            momentum = ops.cast(not_first, var.dtype) * self.ema_momentum
-            self.assign(average, momentum * average + (1 - momentum) * var)
-        if self.ema_overwrite_frequency:
-            overwrite = (self.iterations + 1) % self.ema_overwrite_frequency == 0
-            for var, average in pairs:
-                self.assign(var, ops.where(overwrite, average, var))
-
-    # Skipping a non-finite step: while `_update_mask` is set (a traced bool),
-    # every assignment keeps the old value where it is false, and the learning
-    # rate is zero there, which leaves weight decay (`w - w * wd * lr`) a no-op
-    # whatever the optimizer's decay code. Keras's update steps all assign
-    # through these three methods.
-
-    _update_mask = None
-    _chain = None
-    _tensor_clip = None
-
-    def update_step(self, gradient, variable, learning_rate):
-        chain = self._chain
-        if chain is None:
-            return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
-        gradient = chain.after_previous(gradient)
-        done = ()
-        if self._tensor_clip is not None:
-            gradient, done = self._tensor_clip(gradient, variable, index, chain)
-        # Decay here, not for all variables first: the weight is in cache.
-        self._apply_weight_decay([self._trainable_variables[index]])
-        super().update_step(gradient, variable, learning_rate)
-        chain.link(variable, *done)
-
-    def assign(self, variable, value):
-        if self._update_mask is not None:
-            value = backend.keep_unless(self._update_mask, value, variable)
-        super().assign(variable, value)
-
-    def assign_add(self, variable, value):
-        if self._update_mask is not None:
-            value = backend.zero_unless(self._update_mask, value)
-        super().assign_add(variable, value)
-
-    def assign_sub(self, variable, value):
-        if self._update_mask is not None:
-            value = backend.zero_unless(self._update_mask, value)
-        super().assign_sub(variable, value)
-
-    def _get_current_learning_rate(self):
-        learning_rate = super()._get_current_learning_rate()
-        if self._update_mask is None:
-            return learning_rate
-        learning_rate = ops.convert_to_tensor(learning_rate)
-        return ops.where(self._update_mask, learning_rate, ops.zeros_like(learning_rate))
 
     # Keras's own clipping attributes tell the truth: `clipnorm`,
     # `clipvalue` and `global_clipnorm` read the threshold of a `NormClip`,
@@ -492,10 +295,6 @@ class ClippingMixin:
         lambda self: self._shortcut("global_clipnorm"),
         lambda self, value: self._set_shortcut("global_clipnorm", value),
     )
-
-    def _clip_gradients(self, grads):
-        # The clipper clips, in the step; Keras's clipping never runs on top.
-        return grads
 
     def _shortcut(self, name):
         cls, attr = _SHORTCUTS[name]
@@ -532,52 +331,57 @@ class ClippingMixin:
         return config
 
 
-class _TensorClip:
-    """A per-tensor rule, applied in `update_step` right before each update.
+class _Clip:
+    """The clipper's part of one step, passed to the step's updates.
 
-    The clipper's `clip_tensor` sees the gradient and the weight (read before
-    the weight decay, as in the list path) just before that variable's update
-    (see `backend.UpdateChain`), and the clipped sums of squares and flags
-    are collected for the statistics.
+    `clip(grads, params)` clips a list through `clipper.update` (with the
+    step's state and sums); a separable rule may instead be called on one
+    tensor at a time (`rows=[i]`, its row of the sums), right before that
+    tensor's update. Either way the results are collected for the state and
+    the statistics. Sparse gradients are clipped as their rows.
     """
 
-    def __init__(self, optimizer, variables, threshold, squares, sums):
-        self.clipper = optimizer.clipper
-        self.threshold = threshold
-        self.variables = variables
-        self.position = {
-            optimizer._get_variable_index(v): i for i, v in enumerate(variables)
-        }
-        self.squares = squares
+    def __init__(self, clipper, state, sums, step):
+        self.clipper = clipper
+        self.state = state
         self.sums = sums
-        self.results = {}
+        self.step = step
+        self.separable = clipper is not None and clipper.separable
+        self.new_state = {}
+        self._infos = {}
 
-    def __call__(self, gradient, variable, index, chain):
-        """Returns the clipped gradient and the scalars the chain waits for."""
-        i = self.position[index]
-        values, rewrap = backend.dense_values(gradient)
-        param = chain.after_previous(backend.read(variable))
-        clipped, square_after, flag = self.clipper.clip_tensor(
-            values, param, self.threshold, square=self.squares[i],
-            sums=() if self.sums is None else tuple(ops.unstack(self.sums[i])),
-            path=self.variables[i].path,
+    def __call__(self, grads, params, rows=None):
+        if self.clipper is None:
+            return grads
+        sums = self.sums if rows is None else ops.stack([self.sums[i] for i in rows])
+        parts = [backend.dense_values(g) for g in grads]
+        clipped, self.new_state, info = self.clipper.update(
+            [values for values, _ in parts], self.state, params,
+            step=self.step, sums=sums,
         )
-        self.results[i] = (square_after, flag)
-        return rewrap(clipped), (square_after,)
+        self._infos[None if rows is None else tuple(rows)] = info
+        return [rewrap(c) for (_, rewrap), c in zip(parts, clipped)]
 
-    def info(self):
-        if len(self.results) != len(self.variables):
-            raise RuntimeError(
-                "keras-clip clips per tensor in `update_step`, but this "
-                f"optimizer updated {len(self.results)} of "
-                f"{len(self.variables)} variables through it."
-            )
-        squares_after, flags = zip(*(self.results[i] for i in range(len(self.results))))
-        return per_tensor_info(list(squares_after), list(flags))
+    def scalars(self, i):
+        """What the update chain waits for after tensor `i` (separable rules:
+        its clipped norm, taken while the tensor is in cache)."""
+        info = self._infos.get((i,))
+        return () if info is None else (info["clipped_norm"],)
 
-
-def _square(x):
-    return ops.square(ops.cast(x, "float32"))
+    def info(self, fallback_norm):
+        """`(clipped_norm, clipped)` of the step: from one call on the whole
+        list, or combined from the per-tensor calls."""
+        if self.clipper is None:
+            return fallback_norm, ops.array(False)
+        infos = list(self._infos.values())
+        if len(infos) == 1 and None in self._infos:
+            info = infos[0]
+            return ops.cast(info["clipped_norm"], "float32"), ops.cast(info["clipped"], "bool")
+        if not infos:
+            return ops.zeros((), "float32"), ops.array(False)
+        norms = ops.stack([ops.cast(i["clipped_norm"], "float32") for i in infos])
+        flags = ops.stack([ops.cast(i["clipped"], "bool") for i in infos])
+        return ops.sqrt(ops.sum(ops.square(norms))), ops.any(flags)
 
 
 def _constant(value):
@@ -632,15 +436,15 @@ def clipped(cls):
         )
     if cls in _CLIPPED:
         return _CLIPPED[cls]
-    builtin = cls.__module__.startswith("keras.")
-    new = type(
-        f"Clipped{cls.__name__}",
-        (ClippingMixin, cls),
-        {
-            "__doc__": f"`{cls.__name__}` with keras-clip's clipping."
-            + _MIXIN_DOC,
-            "__module__": "keras_clip.optimizers" if builtin else cls.__module__,
-        },
+    new = type(f"Clipped{cls.__name__}", (ClippingMixin, cls), {})
+    new.__module__ = cls.__module__
+    return _registered(new, cls)
+
+
+def _registered(new, cls):
+    """Documents and registers `new`, the `Clipped*` class of `cls`."""
+    new.__doc__ = f"`{cls.__name__}` with keras-clip's clipping.\n\n" + (
+        (cls.__doc__ or "").rstrip() + _MIXIN_DOC
     )
     registered = keras.saving.get_registered_name(cls).replace(">", ".")
     keras.saving.register_keras_serializable(
@@ -648,6 +452,11 @@ def clipped(cls):
     )(new)
     _CLIPPED[cls] = new
     return new
+
+
+def _builtin(new):
+    """A `Clipped*` class defined below, for the Keras class it extends."""
+    return _registered(new, new.__bases__[1])
 
 
 def builtin_optimizer_classes():
@@ -665,5 +474,78 @@ def builtin_optimizer_classes():
     return out
 
 
-BUILTIN = {f"Clipped{n}": clipped(c) for n, c in builtin_optimizer_classes().items()}
-globals().update(BUILTIN)
+# The built-in optimizers, one class each (so that tools and readers see
+# them); tests/test_optimizers.py checks this list against `keras.optimizers`.
+
+
+@_builtin
+class ClippedAdadelta(ClippingMixin, keras.optimizers.Adadelta):
+    pass
+
+
+@_builtin
+class ClippedAdafactor(ClippingMixin, keras.optimizers.Adafactor):
+    pass
+
+
+@_builtin
+class ClippedAdagrad(ClippingMixin, keras.optimizers.Adagrad):
+    pass
+
+
+@_builtin
+class ClippedAdam(ClippingMixin, keras.optimizers.Adam):
+    pass
+
+
+@_builtin
+class ClippedAdamW(ClippingMixin, keras.optimizers.AdamW):
+    pass
+
+
+@_builtin
+class ClippedAdamax(ClippingMixin, keras.optimizers.Adamax):
+    pass
+
+
+@_builtin
+class ClippedFtrl(ClippingMixin, keras.optimizers.Ftrl):
+    pass
+
+
+@_builtin
+class ClippedLamb(ClippingMixin, keras.optimizers.Lamb):
+    pass
+
+
+@_builtin
+class ClippedLion(ClippingMixin, keras.optimizers.Lion):
+    pass
+
+
+@_builtin
+class ClippedMuon(ClippingMixin, keras.optimizers.Muon):
+    pass
+
+
+@_builtin
+class ClippedNadam(ClippingMixin, keras.optimizers.Nadam):
+    pass
+
+
+@_builtin
+class ClippedRMSprop(ClippingMixin, keras.optimizers.RMSprop):
+    pass
+
+
+@_builtin
+class ClippedSGD(ClippingMixin, keras.optimizers.SGD):
+    pass
+
+
+@_builtin
+class ClippedScheduleFreeAdamW(ClippingMixin, keras.optimizers.ScheduleFreeAdamW):
+    pass
+
+
+BUILTIN = {cls.__name__: cls for cls in _CLIPPED.values()}

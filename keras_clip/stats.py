@@ -153,7 +153,7 @@ class GradientHistograms:
         length = len(self.edges) + 3
         rows = [None] * self.counts.shape[0]
         for g, v in zip(grads, variables):
-            i = self.groups.get(_path(v))
+            i = self.groups.get(_variable_path(v))
             if i is None:
                 continue
             c = bucket_counts(g, self.edges, bincount)
@@ -223,7 +223,7 @@ def _is_uniform(edges):
     return bool(np.allclose(diffs, diffs[0], rtol=1e-5, atol=0.0))
 
 
-def _path(variable):
+def _variable_path(variable):
     return getattr(variable, "path", None) or variable.name
 
 

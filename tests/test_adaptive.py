@@ -357,3 +357,57 @@ def test_strings_and_round_trip(name, cls):
     assert revived.get_config() == clip.get_config()
     opt = kc.ClippedAdam(clipper=name)
     assert kc.ClippedAdam.from_config(opt.get_config()).get_config() == opt.get_config()
+
+
+# Thresholds set mid-training: variables, read by the next step.
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize(
+    "make, start",
+    [(lambda: kc.ZClip(), None), (lambda: kc.AdaGC(max_norm=100.0), 100.0)],
+    ids=["zclip", "adagc"],
+)
+def test_max_norm_set_mid_training_takes_effect_without_retracing(make, start, jit):
+    # Both clip to `max_norm` in their warm-up (ZClip caps its threshold,
+    # AdaGC clips globally to it): a gradient of norm 5 is left alone under
+    # the first bound and clipped to exactly the new one after the change.
+    clipper = make()
+    variables = [keras.Variable(np.zeros(2, "float32"))]
+    opt = kc.ClippedSGD(learning_rate=1.0, clipper=clipper)
+    opt.build(variables)
+    traces = []
+
+    def apply(grads):
+        traces.append(1)
+        opt.apply(grads, variables)
+
+    step = tf.function(apply, jit_compile=jit)
+
+    def moved_by(bound):
+        clipper.max_norm = bound
+        variables[0].assign(np.zeros(2, "float32"))
+        step([tf.constant([3.0, 4.0])])
+        return float(np.linalg.norm(variables[0].numpy()))
+
+    assert moved_by(start) == 5.0
+    np.testing.assert_allclose(moved_by(1.0), 1.0, rtol=2**-22)  # a scale and a norm
+    assert opt.gradient_stats()["clip_threshold"] == 1.0
+    assert moved_by(start) == 5.0
+    assert len(traces) == 1
+
+
+def test_a_setting_compiled_into_the_step_cannot_change_once_built():
+    clipper = kc.ZClip()
+    clipper.z_thresh = 3.0  # before the optimizer is built: a new setting
+    assert clipper.get_config()["z_thresh"] == 3.0
+    opt = kc.ClippedSGD(clipper=clipper)
+    opt.build([keras.Variable(np.zeros(2, "float32"))])
+    with pytest.raises(ValueError) as info:
+        clipper.z_thresh = 2.0
+    assert "cannot change once it is built" in str(info.value)
+    assert str(info.value).endswith("Received: z_thresh=2.0")
+    assert clipper.z_thresh == 3.0
+    clipper.max_norm = 2.0  # a threshold: allowed
+    with pytest.raises(ValueError, match="Received: max_norm=-1"):
+        clipper.max_norm = -1

@@ -236,58 +236,7 @@ def test_agc_sees_the_weights_before_decay(jit):
     assert opt.gradient_stats()["clipped_grad_norm"] == pytest.approx(0.5, rel=1e-6)
 
 
-# Guard: the Keras internals keras-clip hooks into.
-
-HOOKS = [
-    # (owner, attribute, parameters keras-clip relies on)
-    ("BaseOptimizer", "_backend_apply_gradients", ["self", "grads", "trainable_variables"]),
-    ("BaseOptimizer", "_backend_update_step", ["self", "grads", "trainable_variables", "learning_rate"]),
-    ("BaseOptimizer", "_apply_weight_decay", ["self", "variables"]),
-    ("BaseOptimizer", "_clip_gradients", ["self", "grads"]),
-    ("BaseOptimizer", "_use_weight_decay", ["self", "variable"]),
-    ("BaseOptimizer", "_get_current_learning_rate", ["self"]),
-    ("BaseOptimizer", "assign", ["self", "variable", "value"]),
-    ("BaseOptimizer", "assign_add", ["self", "variable", "value"]),
-    ("BaseOptimizer", "assign_sub", ["self", "variable", "value"]),
-    ("BaseOptimizer", "_backend_reset_gradient_accumulators", ["self"]),
-    ("BaseOptimizer", "_backend_increment_gradient_accumulators", ["self", "grads", "acc_grads"]),
-    ("BaseOptimizer", "_get_variable_index", ["self", "variable"]),
-    ("BaseOptimizer", "update_step", ["self", "gradient", "variable", "learning_rate"]),
-    ("BaseOptimizer", "add_variable", ["self", "shape", "initializer", "dtype", "aggregation", "layout", "name"]),
-    ("TFOptimizer", "_distributed_tf_update_step", ["self", "distribution", "grads_and_vars", "learning_rate"]),
-]
-
-
-@pytest.mark.parametrize("owner, name, params", HOOKS, ids=[h[1] for h in HOOKS])
-def test_guard_keras_internals(owner, name, params):
-    from keras.src.backend.tensorflow.optimizer import TFOptimizer
-    from keras.src.optimizers.base_optimizer import BaseOptimizer
-
-    cls = {"BaseOptimizer": BaseOptimizer, "TFOptimizer": TFOptimizer}[owner]
-    fn = getattr(cls, name, None)
-    assert fn is not None, (
-        f"keras-clip hooks into {owner}.{name}, which Keras {keras.__version__} no "
-        "longer has: see keras_clip/optimizers.py and keras_clip/backend/."
-    )
-    got = list(inspect.signature(fn).parameters)
-    assert got == params, (
-        f"keras-clip hooks into {owner}.{name}{tuple(params)}; Keras "
-        f"{keras.__version__} changed it to {tuple(got)}."
-    )
-
-
-def test_guard_state_keras_builds():
-    opt = kc.ClippedSGD(0.1, gradient_accumulation_steps=2, use_ema=True)
-    opt.build([keras.Variable(np.zeros(2, "float32"))])
-    for attr in ("_iterations", "_trainable_variables", "_accumulated_gradients",
-                 "_model_variables_moving_average"):
-        assert hasattr(opt, attr), f"keras-clip reads Optimizer.{attr}, which Keras no longer sets"
-    lso = keras.optimizers.LossScaleOptimizer(kc.ClippedSGD(0.1))
-    lso.build([keras.Variable(np.zeros(2, "float32"))])
-    assert hasattr(lso, "inner_optimizer") and hasattr(lso, "dynamic_scale")
-    for name in ("all_reduce", "merge_call", "num_replicas_in_sync"):
-        assert hasattr(tf.distribute.ReplicaContext, name), f"tf.distribute.ReplicaContext.{name} is gone"
-    assert hasattr(tf.distribute.StrategyExtended, "update")
+# Guard (the list of internals and its checks: tests/test_backend.py).
 
 
 def test_guard_update_steps_assign_through_the_optimizer():

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import keras_clip as kc
+from keras_clip import stats
 from keras_clip.optimizers import BUILTIN
 from keras_clip.optimizers import builtin_optimizer_classes
 
@@ -93,7 +94,7 @@ def test_tf_checkpoint_restores_everything(tmp_path):
     for u, v in zip(_opt_values(opt), _opt_values(opt2)):
         np.testing.assert_array_equal(u, v)
     assert opt2.gradient_stats() == opt.gradient_stats()
-    assert float(opt2.clipper._variables["threshold"].numpy()) == np.float32(0.7)
+    assert float(opt2.clipper._state_variables["threshold"].numpy()) == np.float32(0.7)
 
 
 def test_shortcuts_map_to_clippers():
@@ -386,19 +387,26 @@ def test_window_statistics_and_per_variable_norms():
     np.testing.assert_allclose(list(norms.values()), expected, rtol=1e-6)
 
 
-def test_gradient_probe_sees_raw_gradients_in_the_step():
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_requested_histograms_count_the_raw_gradients_every_freq_updates(jit):
     grads, variables = _grads_and_vars()
-    seen = keras.Variable(0.0, trainable=False)
-
-    def probe(g, v, step):
-        seen.assign_add(keras.ops.sum(g[1]))  # before clipping: 3 + 4
-
+    edges = np.array([-1.0, 0.0, 1.0], "float32")  # log10|g| bins
+    histograms = stats.GradientHistograms(edges, freq=2, groups={variables[1].path: 0})
     opt = kc.ClippedSGD(learning_rate=0.1, global_clipnorm=1.0)
-    opt.add_gradient_probe(probe)
-    tf.function(lambda: opt.apply(grads, variables), jit_compile=True)()
-    assert float(seen.numpy()) == 7.0
-    opt.remove_gradient_probe(probe)
-    assert opt._gradient_probes == ()
+    opt.build(variables)
+    assert opt.record_gradient_histograms(histograms)  # a new request
+    assert not opt.record_gradient_histograms(histograms)  # the same one
+    step = tf.function(lambda g: opt.apply(g, variables), jit_compile=jit)
+    # Update 0 is counted (before clipping: |g| = 3 and 4, log10 in [0, 1)).
+    step(grads)
+    assert histograms.read()[0] == 0
+    np.testing.assert_array_equal(histograms.read()[1], [[0, 0, 0, 2, 0, 0]])
+    step([g * 100 for g in grads])  # update 1: not counted
+    np.testing.assert_array_equal(histograms.read()[1], [[0, 0, 0, 2, 0, 0]])
+    step([g * 100 for g in grads])  # update 2: counted (overflow bucket)
+    assert histograms.read()[0] == 2
+    np.testing.assert_array_equal(histograms.read()[1], [[0, 0, 0, 0, 2, 0]])
+    assert opt.record_gradient_histograms(None)
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
@@ -416,3 +424,38 @@ def test_skip_also_skips_weight_decay_and_ema(jit):
             np.testing.assert_array_equal(old, new, err_msg=v.path)
     step([tf.ones((4, 3))])  # and the next finite step decays again
     assert np.all(variables[0].numpy() < before[0])
+
+
+class _HalfAboveMean(kc.Clipper):
+    """A rule of a user's own, through the one protocol: halve every
+    gradient whose norm is above the mean of the norms of the steps so far."""
+
+    def init_state(self, variables):
+        return {"total": np.float32(0.0), "count": np.float32(0.0)}
+
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        norm = keras.ops.sqrt(keras.ops.sum(self._sums(grads, state, step, sums)[:, 0]))
+        mean = state["total"] / keras.ops.maximum(state["count"], 1.0)
+        over = keras.ops.logical_and(state["count"] > 0, norm > mean)
+        factor = keras.ops.where(over, 0.5, 1.0)
+        new_state = {"total": state["total"] + norm, "count": state["count"] + 1.0}
+        info = {"clipped": over, "clipped_norm": norm * factor}
+        return kc.ops.scale(grads, factor), new_state, info
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+def test_a_clipper_of_ones_own_runs_in_the_step(jit):
+    variables = [keras.Variable(np.zeros(2, "float32"))]
+    opt = kc.ClippedSGD(learning_rate=1.0, clipper=_HalfAboveMean())
+    step = tf.function(lambda g: opt.apply(g, variables), jit_compile=jit)
+    moves = []
+    for scale in (1.0, 2.0, 1.0, np.nan, 4.0):  # norms 5, 10, 5, NaN, 20
+        before = variables[0].numpy().copy()
+        step([tf.constant([3.0, 4.0]) * scale])
+        moves.append(float(np.linalg.norm(variables[0].numpy() - before)))
+    # Above the running mean (5, 7.5; 20 > 6.67): halved; the NaN step skipped
+    # and kept out of the state.
+    assert moves == [5.0, 5.0, 5.0, 0.0, 10.0]
+    stats = opt.gradient_stats()
+    assert stats["clipped_steps"] == 2 and stats["nonfinite_steps"] == 1
+    assert float(opt.clipper._state_variables["count"].numpy()) == 4.0

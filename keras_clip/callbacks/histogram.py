@@ -229,7 +229,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         return left, right
 
     def _group_name(self, variable):
-        path = _path(variable)
+        path = _variable_path(variable)
         if self.per == "variable" or "/" not in path:
             return path
         return path.rsplit("/", 1)[0]
@@ -282,7 +282,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         trainable = self.model.trainable_variables
         names = {}
         groups = {
-            _path(v): names.setdefault(self._group_name(v), len(names))
+            _variable_path(v): names.setdefault(self._group_name(v), len(names))
             for v in trainable
         }
         key = (opt, [id(v) for v in trainable])
@@ -435,7 +435,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         return cls(**config)
 
 
-def _path(variable):
+def _variable_path(variable):
     return getattr(variable, "path", None) or variable.name
 
 

@@ -279,7 +279,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._optimizer = optimizer
             self._alarm_state()
         self._layer_of = _layer_names(self.model) if self.per_layer else {}
-        self._layers = []
+        self._layer_names = []
         # Counters as of now; drop a window left by steps before this fit.
         self._last = _read(optimizer, reset_window=True)
         self._epoch = _Epoch(self._last)
@@ -306,7 +306,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         history = getattr(self.model, "history", None)
         if isinstance(history, keras.callbacks.History):
-            layers = self._epoch.layer_means(self._layers)
+            layers = self._epoch.layer_means(self._layer_names)
             for name, value in layers.items():
                 history.history.setdefault(f"grad_norm/{name}", []).append(value)
 
@@ -338,8 +338,8 @@ class GradientMonitor(keras.callbacks.Callback):
             layer = self._layer_of.get(path) or path.rpartition("/")[0] or path
             squares[layer] = squares.get(layer, 0.0) + norm * norm
         for layer in squares:
-            if layer not in self._layers:
-                self._layers.append(layer)
+            if layer not in self._layer_names:
+                self._layer_names.append(layer)
         return {k: math.sqrt(v) for k, v in squares.items()}
 
     # Alarms.

@@ -11,19 +11,10 @@ from keras import ops
 from keras_clip import _checks
 from keras_clip import ops as kc_ops
 from keras_clip.clippers.base import Clipper
+from keras_clip.clippers.base import Threshold
+from keras_clip.clippers.base import clip_to
+from keras_clip.clippers.base import global_norm
 from keras_clip.clippers.fixed import _register
-
-
-def _global_clip(grads, norm, threshold):
-    """Global-norm clipping to `threshold`, with the info the optimizer records."""
-    scale = kc_ops._scale(norm, threshold)
-    clipped = [kc_ops._mul(g, scale) for g in grads]
-    info = {"clipped": norm > threshold, "clipped_norm": ops.minimum(norm, threshold)}
-    return clipped, info
-
-
-def _norm(grads, norm):
-    return kc_ops.global_norm(grads) if norm is None else norm
 
 
 @_register
@@ -71,9 +62,8 @@ class AutoClip(Clipper):
             "threshold": np.asarray(0.0, "float32"),
         }
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        norm = _norm(grads, norm)
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        norm = global_norm(self._sums(grads, state, step, sums))
         finite = ops.isfinite(norm)
         size = self.history_size
         count, ordered = state["count"], state["sorted"]
@@ -92,7 +82,7 @@ class AutoClip(Clipper):
         a, b = ops.take(ordered, lo), ops.take(ordered, hi)
         threshold = a + (rank - ops.cast(lo, "float32")) * (b - a)
         threshold = ops.where(count > 0, threshold, state["threshold"])
-        clipped, info = _global_clip(grads, norm, threshold)
+        clipped, info = clip_to(grads, norm, threshold)
         new_state = {
             "history": history, "sorted": ordered, "count": count,
             "threshold": threshold,
@@ -152,8 +142,9 @@ class ZClip(Clipper):
         z_thresh: Positive float, the z-score above which a norm is a spike.
             Defaults to 2.5.
         warmup_steps: Int >= 1. Defaults to 25.
-        max_norm: Optional positive float, an absolute cap on the threshold.
-            Defaults to `None`.
+        max_norm: Optional positive float, an absolute cap on the threshold;
+            it may be changed mid-training (`clipper.max_norm = 2.0`, or
+            `None`), without re-tracing. Defaults to `None`.
         mode: `"zscore"` or `"percentile"`. Defaults to `"zscore"`.
         clip_option: `"adaptive_scaling"` or `"mean"` (zscore mode).
             Defaults to `"adaptive_scaling"`.
@@ -170,6 +161,8 @@ class ZClip(Clipper):
     Reference:
         [Kumar et al., 2025](https://arxiv.org/abs/2504.02507)
     """
+
+    max_norm = Threshold("max_norm", optional=True, schedule=False)
 
     def __init__(
         self,
@@ -188,9 +181,7 @@ class ZClip(Clipper):
         self.warmup_steps = _checks.number(
             "warmup_steps", warmup_steps, low=1, low_open=False, integer=True
         )
-        self.max_norm = None if max_norm is None else _checks.number(
-            "max_norm", max_norm, low=0
-        )
+        self.max_norm = max_norm
         self.mode = _checks.choice("mode", mode, ("zscore", "percentile"))
         self.clip_option = _checks.choice(
             "clip_option", clip_option, ("adaptive_scaling", "mean")
@@ -211,11 +202,11 @@ class ZClip(Clipper):
             "mean": np.asarray(0.0, "float32"),
             "var": np.asarray(0.0, "float32"),
             "threshold": np.asarray(0.0, "float32"),
+            "max_norm": Threshold.initial(self.max_norm),
         }
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        g = _norm(grads, norm)
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        g = global_norm(self._sums(grads, state, step, sums))
         finite = ops.isfinite(g)
         count, mean, var = state["count"], state["mean"], state["var"]
         warm = count < self.warmup_steps  # this step is a warm-up step
@@ -242,9 +233,7 @@ class ZClip(Clipper):
             adaptive = mean + self.z_thresh * std
             spike = g > adaptive
         spike = ops.logical_and(spike, ops.logical_and(finite, ops.logical_not(warm)))
-        threshold = ops.where(spike, adaptive, g)
-        if self.max_norm is not None:
-            threshold = ops.minimum(threshold, self.max_norm)
+        threshold = ops.minimum(ops.where(spike, adaptive, g), state["max_norm"])
 
         x = ops.where(spike, adaptive, g)
         ema_mean = self.alpha * mean + (1 - self.alpha) * x
@@ -258,13 +247,14 @@ class ZClip(Clipper):
         new_mean = ops.where(last_warm, w_mean, ops.where(update_ema, ema_mean, mean))
         new_var = ops.where(last_warm, w_var, ops.where(update_ema, ema_var, var))
 
-        clipped, info = _global_clip(grads, g, threshold)
+        clipped, info = clip_to(grads, g, threshold)
         new_state = {
             "buffer": buffer,
             "count": count + ops.cast(finite, "int32"),
             "mean": new_mean,
             "var": new_var,
             "threshold": ops.where(finite, threshold, state["threshold"]),
+            "max_norm": state["max_norm"],
         }
         return clipped, new_state, info
 
@@ -308,7 +298,8 @@ class AdaGC(Clipper):
             thresholds would shrink step after step). Defaults to 1.05.
         beta: Float in (0, 1), the EMA decay. Defaults to 0.98.
         max_norm: Positive float, the absolute global bound during warm-up
-            (lambda_abs). Defaults to 1.0.
+            (lambda_abs); it may be changed mid-training, without
+            re-tracing. Defaults to 1.0.
         warmup_steps: Int >= 1. Defaults to 100.
 
     Example:
@@ -318,6 +309,8 @@ class AdaGC(Clipper):
     Reference:
         [Wang et al., 2025](https://arxiv.org/abs/2502.11034)
     """
+
+    max_norm = Threshold("max_norm", schedule=False)
 
     def __init__(self, relative_factor=1.05, beta=0.98, max_norm=1.0, warmup_steps=100):
         self.relative_factor = _checks.number("relative_factor", relative_factor)
@@ -330,7 +323,7 @@ class AdaGC(Clipper):
                 f"Received: relative_factor={relative_factor!r}"
             )
         self.beta = _checks.number("beta", beta, low=0, high=1, high_open=True)
-        self.max_norm = _checks.number("max_norm", max_norm, low=0)
+        self.max_norm = max_norm
         self.warmup_steps = _checks.number(
             "warmup_steps", warmup_steps, low=1, low_open=False, integer=True
         )
@@ -340,32 +333,31 @@ class AdaGC(Clipper):
             "gamma": np.full(len(variables), np.inf, "float32"),
             "count": np.asarray(0, "int32"),
             "threshold": np.asarray(0.0, "float32"),
+            "max_norm": Threshold.initial(self.max_norm),
         }
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        norms = ops.sqrt(kc_ops._sq_norms(grads) if squares is None else squares)
-        g = ops.sqrt(ops.sum(ops.square(norms))) if norm is None else norm
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        norms = ops.sqrt(self._sums(grads, state, step, sums)[:, 0])
+        g = ops.sqrt(ops.sum(ops.square(norms)))
         finite = ops.isfinite(g)
-        gamma, count = state["gamma"], state["count"]
+        gamma, count, max_norm = state["gamma"], state["count"], state["max_norm"]
         warm = count < self.warmup_steps
 
         local = self.relative_factor * gamma
-        per_tensor = ops.where(warm, ops.full_like(norms, self.max_norm), local)
+        per_tensor = ops.where(warm, max_norm * ops.ones_like(norms), local)
         # Warm-up clips globally (one factor); afterwards each tensor alone.
         scales = ops.where(
             warm,
-            kc_ops._scale(g, self.max_norm) * ops.ones_like(norms),
-            kc_ops._scale(norms, local),
+            kc_ops.clip_scale(g, max_norm) * ops.ones_like(norms),
+            kc_ops.clip_scale(norms, local),
         )
         new_norms = norms * scales
         ema = self.beta * gamma + (1 - self.beta) * new_norms
         new_gamma = ops.where(warm, ops.minimum(gamma, new_norms), ema)
         new_gamma = ops.where(ops.logical_and(finite, norms > 0), new_gamma, gamma)
 
-        clipped = [kc_ops._mul(t, scales[i]) for i, t in enumerate(grads)]
         threshold = ops.where(
-            warm, self.max_norm, ops.sqrt(ops.sum(ops.square(per_tensor)))
+            warm, max_norm, ops.sqrt(ops.sum(ops.square(per_tensor)))
         )
         info = {
             "clipped": ops.any(scales < 1),
@@ -375,8 +367,9 @@ class AdaGC(Clipper):
             "gamma": new_gamma,
             "count": count + ops.cast(finite, "int32"),
             "threshold": ops.where(finite, threshold, state["threshold"]),
+            "max_norm": max_norm,
         }
-        return clipped, new_state, info
+        return kc_ops.scale(grads, scales), new_state, info
 
     def get_config(self):
         return {

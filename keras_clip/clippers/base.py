@@ -1,77 +1,54 @@
-"""The `Clipper` base class and the threshold attribute shared by clippers."""
+"""The `Clipper` base class: one protocol for every clip rule."""
 
 import numpy as np
 from keras import ops
 from keras.optimizers.schedules import LearningRateSchedule
 
 from keras_clip import _checks
-from keras_clip.ops import _sq_norm
-from keras_clip.ops import _sums
-
-
-class Threshold:
-    """A clipper attribute that is a float or a schedule and lives in a variable.
-
-    Before the clipper is built it is a plain attribute. Once an optimizer has
-    built the clipper, setting a new float assigns the clipper's `threshold`
-    variable, so the next step uses it without re-tracing.
-    """
-
-    def __set_name__(self, owner, name):
-        self.name = name
-
-    def __get__(self, obj, owner=None):
-        if obj is None:
-            return self
-        return obj.__dict__[self.name]
-
-    def __set__(self, obj, value):
-        value = _checks.threshold(self.name, value)
-        variable = obj._variables.get("threshold") if obj._variables else None
-        if variable is not None:
-            old = obj.__dict__[self.name]
-            if isinstance(value, LearningRateSchedule) or isinstance(
-                old, LearningRateSchedule
-            ):
-                raise ValueError(
-                    f"`{self.name}` cannot change between a number and a "
-                    "schedule once the optimizer is built. "
-                    f"Received: {self.name}={value!r}"
-                )
-            variable.assign(value)
-        obj.__dict__[self.name] = value
+from keras_clip import ops as kc_ops
 
 
 class Clipper:
-    """Base class of keras-clip's clippers.
+    """Base class of keras-clip's clippers: a pure rule and its state layout.
 
-    A clipper is a pure rule plus a state layout. The optimizer creates one
-    variable per entry of `init_state(variables)` in `build()` and, every step,
-    calls
+    Every rule, per-tensor, global or adaptive, implements one protocol
+    (optax's `init`/`update`, with the state kept in optimizer variables):
 
     ```
-    grads, new_state, info = clipper.update(grads, state, params, norm=, step=)
+    state = clipper.init_state(variables)      # in build(): name -> NumPy array
+    clipped, new_state, info = clipper.update(grads, state, params,
+                                              step=step, sums=sums)
     ```
 
-    with `state` the current values of those variables. `new_state` has the
-    same keys; its `"threshold"` entry is the threshold used on this step.
-    `info` holds two scalars the optimizer records as statistics: `"clipped"`
-    (bool: did clipping change anything) and `"clipped_norm"` (float32: the
-    global norm after clipping), both computed without another pass over the
-    gradients.
+    - `state`: the current values of the variables the optimizer made from
+      `init_state`; `new_state` has the same keys, its `"threshold"` entry
+      the threshold used on this step.
+    - `info`: the two scalars the optimizer records as statistics,
+      `"clipped"` (bool: did clipping change anything) and `"clipped_norm"`
+      (float32: the global norm after clipping), taken without another pass
+      over the gradients.
+    - `sums`: a float32 matrix, one row per gradient: its sum of squares,
+      then the sums of the functions from `tensor_terms(state, step)`. The
+      optimizer takes them all in the one pass over the gradients that the
+      non-finite check needs anyway; `None` makes `update` take them itself.
+    - `params`: the matching weights (variables or tensors), for rules that
+      read them.
 
-    Subclasses implement `init_state`, `update` and `get_config`. A rule that
-    clips each tensor on its own, given the step's threshold (its only state,
-    `{"threshold": ...}`), sets `per_tensor = True` and implements
-    `step_threshold` and `clip_tensor` instead of `update`: the optimizer then
-    clips each tensor right before its own update, while the tensor is in
-    cache. Sums over each gradient that such a rule needs (e.g. for its
-    statistics) are declared by `tensor_terms`: the optimizer takes them in
-    the pass that takes the norms, which reads every gradient anyway.
+    A rule that clips each tensor from its own gradient, weight and sums,
+    and whose state a step leaves alone (it only reads a threshold), sets
+    `separable = True`: `update` on a list is then `update` on each tensor
+    alone, and the optimizer may clip each tensor right before its own
+    update, while it is in cache (an execution detail:
+    `keras_clip.backend.InOrder`).
+
+    Thresholds a user may change mid-training are `Threshold` attributes:
+    they live in state variables, so a new value takes effect on the next
+    step without re-tracing. Every other argument is compiled into the step:
+    changing it once an optimizer is built raises.
     """
 
-    _variables = None
-    per_tensor = False
+    _state_variables = None
+    separable = False
 
     def init_state(self, variables):
         """Initial state: a dict of name -> NumPy array (shape, dtype, value).
@@ -81,74 +58,30 @@ class Clipper:
         """
         raise NotImplementedError
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        """Clips `grads`.
+    def tensor_terms(self, state, step):
+        """Elementwise functions whose sums over each gradient `update` needs.
 
-        Args:
-            grads: List of gradient tensors (no `None`).
-            state: Dict of the current state tensors, as from `init_state`.
-            params: List of the matching weights (variables or tensors);
-                only clippers that need weights read them.
-            norm: Optional float32 global norm of `grads`, if already known.
-            squares: Optional float32 vector of each gradient's sum of
-                squares, if already known (saves per-tensor rules a pass).
-            step: The optimizer's iteration count, for schedules.
-
-        Returns:
-            A tuple `(clipped_grads, new_state, info)`.
-        """
-        if not self.per_tensor:
-            raise NotImplementedError
-        threshold = self.step_threshold(state, step)
-        if params is None:
-            params = [None] * len(grads)
-        terms = self.tensor_terms(threshold)
-        clipped, squares_after, flags = [], [], []
-        for i, (g, p) in enumerate(zip(grads, params)):
-            square = _sq_norm(g) if squares is None else squares[i]
-            sums = tuple(_sums(g, terms)) if terms else ()
-            path = getattr(p, "path", None) or getattr(p, "name", None)
-            value = getattr(p, "value", p)  # a weight with a value, or a tensor
-            value = p if callable(value) else value  # (a tf.Variable's is a method)
-            out, square_after, flag = self.clip_tensor(
-                g, value, threshold, square=square, sums=sums, path=path
-            )
-            clipped.append(out)
-            squares_after.append(square_after)
-            flags.append(flag)
-        return clipped, {"threshold": threshold}, per_tensor_info(squares_after, flags)
-
-    def step_threshold(self, state, step):
-        """This step's threshold, for `per_tensor` rules (float32 scalar)."""
-        raise NotImplementedError
-
-    def tensor_terms(self, threshold):
-        """Elementwise functions of a gradient whose sums `clip_tensor` needs.
-
-        For `per_tensor` rules: each function maps a gradient (in its own
-        dtype) to a tensor of its shape, whose values are summed in float32.
-        Defaults to none.
+        Each maps a gradient (in its own dtype) to a tensor of its shape; the
+        optimizer sums their values in float32 (`ops.tensor_sums`), next to
+        the sums of squares. Defaults to none.
         """
         return ()
 
-    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
-        """Clips one tensor, for `per_tensor` rules.
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        """Clips `grads`.
 
         Args:
-            grad: The gradient tensor.
-            param: Its weight's value (a tensor), or `None`; only rules that
-                need weights read it.
-            threshold: This step's threshold, from `step_threshold`.
-            square: Float32 scalar, the sum of squares of `grad`.
-            sums: Float32 scalars, the sums over `grad` of the functions
-                from `tensor_terms(threshold)`, in order.
-            path: The weight's variable path, or `None`.
+            grads: List of gradient tensors (no `None`; a sparse gradient's
+                rows).
+            state: Dict of the current state tensors, as from `init_state`.
+            params: List of the matching weights; only rules that need
+                weights read them.
+            step: The optimizer's update count, for schedules.
+            sums: Optional float32 matrix of the gradients' sums (see the
+                class docstring).
 
         Returns:
-            A tuple `(clipped, clipped_square, clipped_flag)`: the clipped
-            tensor, its float32 sum of squares, and whether clipping changed
-            it (bool scalar).
+            A tuple `(clipped_grads, new_state, info)`.
         """
         raise NotImplementedError
 
@@ -169,23 +102,40 @@ class Clipper:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
+    def __setattr__(self, name, value):
+        if (
+            self._state_variables is not None
+            and not isinstance(getattr(type(self), name, None), Threshold)
+            and name in self.get_config()
+        ):
+            raise ValueError(
+                f"`{name}` is compiled into the step of the optimizer this "
+                f"clipper belongs to, and cannot change once it is built. "
+                f"Make a new optimizer with a new clipper. "
+                f"Received: {name}={value!r}"
+            )
+        super().__setattr__(name, value)
+
     # Helpers for subclasses.
 
     def _bind(self, variables):
         """Called by the optimizer with its dict of state variables."""
-        self._variables = variables
+        self._state_variables = variables
 
-    @staticmethod
-    def _threshold_state(value):
-        if isinstance(value, LearningRateSchedule):
-            value = 0.0  # A schedule's value is written on every step.
-        return np.asarray(value, "float32")
+    def _sums(self, grads, state, step, sums):
+        """`sums` as the optimizer passes them, or taken here if `None`."""
+        if sums is None:
+            sums = kc_ops.tensor_sums(
+                grads, (kc_ops._square, *self.tensor_terms(state, step))
+            )
+        return sums
 
-    @staticmethod
-    def _threshold_value(value, state, step):
+    def _current(self, name, state, step):
+        """This step's value of the `Threshold` attribute `name` (float32)."""
+        value = getattr(self, name)
         if isinstance(value, LearningRateSchedule):
             return ops.cast(value(0 if step is None else step), "float32")
-        return state["threshold"]
+        return state[type(self).__dict__[name].key]
 
     @staticmethod
     def _serialize(value):
@@ -196,11 +146,81 @@ class Clipper:
         return value
 
 
-def per_tensor_info(squares_after, flags):
-    """The optimizer's `info` from per-tensor results (see `clip_tensor`)."""
-    if not flags:
-        return {"clipped": ops.array(False), "clipped_norm": ops.zeros((), "float32")}
-    return {
-        "clipped": ops.any(ops.stack([ops.cast(f, "bool") for f in flags])),
-        "clipped_norm": ops.sqrt(ops.sum(ops.stack(squares_after))),
-    }
+class Threshold:
+    """A clipper attribute a user may change mid-training: it lives in a
+    state variable.
+
+    Before the clipper is built it is a plain attribute; `init_state` takes
+    its first value from `initial`. Once an optimizer has built the clipper,
+    setting a new number assigns the variable `key`, so the next step uses
+    it without re-tracing.
+
+    Args:
+        key: The state entry that holds it. Defaults to `"threshold"`.
+        optional: Whether `None` (no bound: `+inf` in the variable) is
+            allowed. Defaults to `False`.
+        schedule: Whether a `LearningRateSchedule` is allowed (evaluated on
+            the update count each step; the variable then holds 0). Defaults
+            to `True`.
+    """
+
+    def __init__(self, key="threshold", optional=False, schedule=True):
+        self.key = key
+        self.optional = optional
+        self.schedule = schedule
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        return obj.__dict__[self.name]
+
+    def __set__(self, obj, value):
+        value = self._check(value)
+        variable = obj._state_variables.get(self.key) if obj._state_variables else None
+        if variable is not None:
+            old = obj.__dict__[self.name]
+            if isinstance(value, LearningRateSchedule) or isinstance(
+                old, LearningRateSchedule
+            ):
+                raise ValueError(
+                    f"`{self.name}` cannot change between a number and a "
+                    "schedule once the optimizer is built. "
+                    f"Received: {self.name}={value!r}"
+                )
+            variable.assign(self.initial(value))
+        obj.__dict__[self.name] = value
+
+    def _check(self, value):
+        if value is None and self.optional:
+            return None
+        if not self.schedule:
+            return _checks.number(self.name, value, low=0)
+        return _checks.threshold(self.name, value)
+
+    @staticmethod
+    def initial(value):
+        """The variable's value for an attribute value."""
+        if value is None:
+            return np.asarray(np.inf, "float32")
+        if isinstance(value, LearningRateSchedule):
+            return np.asarray(0.0, "float32")  # written on every step
+        return np.asarray(value, "float32")
+
+
+def clip_to(grads, norm, threshold):
+    """Global-norm clipping of `grads` (global norm `norm`) to `threshold`.
+
+    Returns:
+        `(clipped, info)`, `info` as `Clipper.update` returns it.
+    """
+    clipped = kc_ops.scale(grads, kc_ops.clip_scale(norm, threshold))
+    info = {"clipped": norm > threshold, "clipped_norm": ops.minimum(norm, threshold)}
+    return clipped, info
+
+
+def global_norm(sums):
+    """The global norm from a `sums` matrix (its column of squares)."""
+    return ops.sqrt(ops.sum(sums[:, 0]))

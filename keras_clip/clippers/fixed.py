@@ -9,12 +9,10 @@ from keras_clip import _checks
 from keras_clip import ops as kc_ops
 from keras_clip.clippers.base import Clipper
 from keras_clip.clippers.base import Threshold
+from keras_clip.clippers.base import clip_to
+from keras_clip.clippers.base import global_norm
 
 _register = keras.saving.register_keras_serializable(package="keras_clip")
-
-
-def _threshold_only(value):
-    return {"threshold": Clipper._threshold_state(value)}
 
 
 @_register
@@ -40,30 +38,33 @@ class ValueClip(Clipper):
     def __init__(self, max_value=1.0):
         self.max_value = max_value
 
+    separable = True
+
     def init_state(self, variables):
-        return _threshold_only(self.max_value)
+        return {"threshold": Threshold.initial(self.max_value)}
 
-    per_tensor = True
+    def tensor_terms(self, state, step):
+        # The clipped squares and how many elements clipping moves: summed
+        # in the pass that takes the norms, they cost no pass of their own.
+        c = self._current("max_value", state, step)
 
-    def step_threshold(self, state, step):
-        return self._threshold_value(self.max_value, state, step)
-
-    def tensor_terms(self, threshold):
-        # The clipped tensor's squares and how many elements clipping moves,
-        # summed in the pass that takes the norms: no pass of their own.
         def clipped_square(g):
-            (clipped,) = kc_ops.clip_by_value([g], threshold)
+            (clipped,) = kc_ops.clip_by_value([g], c)
             return ops.square(ops.cast(clipped, "float32"))
 
         def moved(g):
-            return ops.abs(g) > ops.cast(threshold, g.dtype)
+            return ops.abs(g) > ops.cast(c, g.dtype)
 
         return (clipped_square, moved)
 
-    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
-        (clipped,) = kc_ops.clip_by_value([grad], threshold)
-        square_after, moved = sums
-        return clipped, square_after, moved > 0
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        c = self._current("max_value", state, step)
+        sums = self._sums(grads, state, step, sums)
+        info = {
+            "clipped": ops.any(sums[:, 2] > 0),
+            "clipped_norm": ops.sqrt(ops.sum(sums[:, 1])),
+        }
+        return kc_ops.clip_by_value(grads, c), {"threshold": c}, info
 
     def get_config(self):
         return {"max_value": self._serialize(self.max_value)}
@@ -91,18 +92,19 @@ class NormClip(Clipper):
     def __init__(self, max_norm=1.0):
         self.max_norm = max_norm
 
+    separable = True
+
     def init_state(self, variables):
-        return _threshold_only(self.max_norm)
+        return {"threshold": Threshold.initial(self.max_norm)}
 
-    per_tensor = True
-
-    def step_threshold(self, state, step):
-        return self._threshold_value(self.max_norm, state, step)
-
-    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
-        norm = ops.sqrt(square)
-        clipped = kc_ops._mul(grad, kc_ops._scale(norm, threshold))
-        return clipped, ops.square(ops.minimum(norm, threshold)), norm > threshold
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        c = self._current("max_norm", state, step)
+        norms = ops.sqrt(self._sums(grads, state, step, sums)[:, 0])
+        info = {
+            "clipped": ops.any(norms > c),
+            "clipped_norm": ops.sqrt(ops.sum(ops.square(ops.minimum(norms, c)))),
+        }
+        return kc_ops.scale(grads, kc_ops.clip_scale(norms, c)), {"threshold": c}, info
 
     def get_config(self):
         return {"max_norm": self._serialize(self.max_norm)}
@@ -132,16 +134,12 @@ class GlobalNormClip(Clipper):
         self.max_norm = max_norm
 
     def init_state(self, variables):
-        return _threshold_only(self.max_norm)
+        return {"threshold": Threshold.initial(self.max_norm)}
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
-        c = self._threshold_value(self.max_norm, state, step)
-        if norm is None:
-            norm = kc_ops.global_norm(grads)
-        scale = kc_ops._scale(norm, c)
-        clipped = [kc_ops._mul(g, scale) for g in grads]
-        info = {"clipped": norm > c, "clipped_norm": ops.minimum(norm, c)}
+    def update(self, grads, state, params=None, *, step=None, sums=None):
+        c = self._current("max_norm", state, step)
+        norm = global_norm(self._sums(grads, state, step, sums))
+        clipped, info = clip_to(grads, norm, c)
         return clipped, {"threshold": c}, info
 
     def get_config(self):
@@ -189,35 +187,43 @@ class AdaptiveGradClip(Clipper):
         self.exclude = _check_exclude(exclude)
         self._patterns = [re.compile(p) for p in self.exclude or ()]
 
-    per_tensor = True
+    separable = True
 
     def init_state(self, variables):
-        return {"threshold": Clipper._threshold_state(self.clip_factor)}
+        return {"threshold": Threshold.initial(self.clip_factor)}
 
-    def update(self, grads, state, params=None, *, norm=None, step=None,
-               squares=None):
+    def update(self, grads, state, params=None, *, step=None, sums=None):
         if params is None or len(params) != len(grads):
             raise ValueError(
                 "`AdaptiveGradClip` needs the weights: pass `params`, one per "
                 f"gradient. Received: params={params!r}"
             )
-        return super().update(
-            grads, state, params, norm=norm, step=step, squares=squares
-        )
+        c = self._current("clip_factor", state, step)
+        squares = self._sums(grads, state, step, sums)[:, 0]
+        factors, flags, clipped_squares = [], [], []
+        for i, (g, p) in enumerate(zip(grads, params)):
+            if self._excluded(p):
+                factor, clipped_square = ops.ones((), "float32"), squares[i]
+            else:
+                # One unit (a scalar or a vector): its sum of squares is known.
+                whole = len(g.shape) <= 1 and self.axis is None
+                factor, clipped_square = kc_ops.adaptive_clip_scale(
+                    g, _value(p), c, self.epsilon, self.axis,
+                    grad_square=squares[i] if whole else None,
+                )
+            factors.append(factor)
+            flags.append(ops.any(factor < 1))
+            clipped_squares.append(clipped_square)
+        info = {
+            "clipped": ops.any(ops.stack(flags)) if flags else ops.array(False),
+            "clipped_norm": ops.sqrt(ops.sum(ops.stack(clipped_squares)))
+            if clipped_squares else ops.zeros((), "float32"),
+        }
+        return kc_ops.scale(grads, factors), {"threshold": c}, info
 
-    def step_threshold(self, state, step):
-        return self._threshold_value(self.clip_factor, state, step)
-
-    def clip_tensor(self, grad, param, threshold, *, square, sums=(), path=None):
-        if any(p.search(path or "") for p in self._patterns):
-            return grad, square, ops.array(False)
-        whole = len(grad.shape) <= 1 and self.axis is None
-        # One unit (a scalar or a vector): its sum of squares is the tensor's.
-        scale, over, square_after = kc_ops._agc_parts(
-            grad, param, threshold, self.epsilon, self.axis,
-            g_square=square if whole else None,
-        )
-        return kc_ops._mul(grad, scale), square_after, ops.any(over)
+    def _excluded(self, param):
+        path = getattr(param, "path", None) or getattr(param, "name", None) or ""
+        return any(p.search(path) for p in self._patterns)
 
     def get_config(self):
         axis = list(self.axis) if isinstance(self.axis, tuple) else self.axis
@@ -227,6 +233,12 @@ class AdaptiveGradClip(Clipper):
             "axis": axis,
             "exclude": None if self.exclude is None else list(self.exclude),
         }
+
+
+def _value(param):
+    """A weight's value: a Keras variable's, or the tensor itself."""
+    value = getattr(param, "value", param)
+    return param if callable(value) else value  # (a tf.Variable's is a method)
 
 
 def _check_axis(axis):

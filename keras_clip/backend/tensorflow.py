@@ -1,0 +1,154 @@
+"""TensorFlow's pieces: `tf.cond`, `tf.IndexedSlices`, `tf.distribute`, XLA.
+
+Only called when Keras runs on TensorFlow (see `keras_clip/backend/__init__.py`).
+"""
+
+import keras
+import tensorflow as tf
+
+
+def run_if(pred, fn, fallback):
+    """`fn()` (which may assign variables) where `pred` holds: one `tf.cond`."""
+    return tf.cond(pred, fn, fallback)
+
+
+def bincount(index, length):
+    # A constant size compiles under XLA, also inside the step's `cond`
+    # (`tf.math.bincount` and `ops.bincount` derive the size from the data,
+    # which XLA cannot always resolve there), and runs 2-4x faster than a
+    # segment sum on CPU.
+    return tf.raw_ops.DenseBincount(
+        input=index,
+        size=tf.constant(length, index.dtype),
+        weights=tf.zeros((0,), "int32"),
+    )
+
+
+# Sparse gradients (`Embedding`).
+
+
+def is_sparse(value):
+    return isinstance(value, tf.IndexedSlices)
+
+
+def unique_rows(gradient):
+    """A `tf.IndexedSlices` with its repeated indices summed: `(values, indices)`."""
+    unique, position = tf.unique(gradient.indices)
+    values = tf.math.unsorted_segment_sum(
+        gradient.values, position, tf.shape(unique)[0]
+    )
+    return values, unique
+
+
+def sparse(values, indices, like):
+    return tf.IndexedSlices(values, indices, like.dense_shape)
+
+
+def gather(variable, indices):
+    return tf.gather(variable, indices)
+
+
+# tf.distribute: clipping after the all-reduce (DESIGN.md, step contract 1).
+
+
+def has_strategy():
+    return tf.distribute.has_strategy()
+
+
+def replica_context():
+    """The replica context when several replicas train in sync, else `None`."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync <= 1:
+        return None
+    return context
+
+
+def all_reduce_sum(context, grads):
+    """Sums the gradients across replicas: every replica gets the full sum."""
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
+
+
+def cross_replica_assign(distribution, variable, value):
+    """Assigns each replica's copy of `variable` its replica's `value`."""
+    target = getattr(variable, "value", variable)
+    distribution.extended.update(
+        target, lambda var, x: var.assign(x), args=(value,), group=False
+    )
+
+
+def cross_replica_decay(distribution, variable, weight_decay, learning_rate):
+    """Keras's decoupled weight decay, `w <- w - w * wd * lr`, per replica.
+
+    (Keras's own `_apply_weight_decay` needs a replica context to merge
+    from; the distributed step decays in cross-replica context.)
+    """
+
+    def decay(var):
+        wd = tf.cast(weight_decay, var.dtype)
+        var.assign_sub(var * wd * tf.cast(learning_rate, var.dtype))
+
+    distribution.extended.update(variable.value, decay, group=False)
+
+
+# XLA's order of the updates.
+
+
+class UpdateChain:
+    """Makes XLA update the variables in order, two at a time.
+
+    XLA's CPU scheduler runs independent work as early as it can: every
+    variable's first update fusion, then every second one, so each fusion
+    reads from memory what an earlier one wrote long before. Passing each
+    gradient through a select on a predicate that is always false but that
+    XLA cannot fold (`w0 != w0 and w0 == w0`, with `w0` an earlier variable's
+    new first element) makes it wait for that update and keeps one
+    variable's fusions together, while its slots are in cache. The gradient
+    comes through bit for bit, and the update's arithmetic is untouched (a
+    multiply by one changed how LLVM fused Lion's multiply-adds).
+
+    Each variable waits for the one `lanes` places before it, not the one
+    right before: with two lanes XLA runs one variable's fusion while the
+    other's waits for its threads (with one lane, a thread taken by another
+    process stalls the whole update; measurements in benchmarks/README.md).
+    """
+
+    def __init__(self, lanes=2):
+        self._lanes = [None] * lanes
+        self._count = 0
+
+    def after_previous(self, value):
+        """`value`, made to wait for the variable `lanes` places before it."""
+        never = self._lanes[self._count % len(self._lanes)]
+        if never is None:
+            return value
+        if isinstance(value, tf.IndexedSlices):
+            values = self.after_previous(value.values)
+            return tf.IndexedSlices(values, value.indices, value.dense_shape)
+        return tf.where(never, -value, value)
+
+    def link(self, variable, *scalars):
+        """Makes the variable `lanes` places later wait for `variable`'s new value.
+
+        It also waits for `scalars` (e.g. a sum over this variable's
+        gradient): XLA then computes them while that gradient is in cache.
+        """
+        lane = self._count % len(self._lanes)
+        self._count += 1
+        if isinstance(variable, keras.Variable):
+            variable = variable.value
+        value = tf.convert_to_tensor(variable)
+        if value.shape.num_elements() == 0:  # the lane keeps its last wait
+            return
+        never = None
+        for x in [tf.reshape(value, [-1])[0], *scalars]:
+            cut = opaque_false(x)
+            never = cut if never is None else tf.logical_and(never, cut)
+        self._lanes[lane] = never
+
+
+def opaque_false(x):
+    """False, but XLA cannot know it: `x != x and x == x`."""
+    x = tf.convert_to_tensor(x)
+    return tf.logical_and(tf.not_equal(x, x), tf.equal(x, x))

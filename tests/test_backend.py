@@ -1,0 +1,152 @@
+"""Guard: every private Keras name keras-clip uses lives in keras_clip/backend/,
+is listed there (`HOOKS`), and exists in the installed Keras.
+
+A Keras release that moves an internal fails here, naming it, and breaks
+only keras_clip/backend/.
+"""
+
+import ast
+import inspect
+import pathlib
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras.src.backend.tensorflow.optimizer import TFOptimizer
+from keras.src.optimizers.base_optimizer import BaseOptimizer
+from keras.src.trainers.trainer import Trainer
+
+import keras_clip as kc
+from keras_clip.backend import optimizer as backend_optimizer
+from keras_clip.backend import training as backend_training
+
+PACKAGE = pathlib.Path(kc.__file__).parent
+HOOKS = backend_optimizer.HOOKS + backend_training.HOOKS
+OWNERS = {"BaseOptimizer": BaseOptimizer, "TFOptimizer": TFOptimizer, "Trainer": Trainer}
+# The parameters keras-clip relies on, for the hooks that are methods.
+SIGNATURES = {
+    "_backend_apply_gradients": ["self", "grads", "trainable_variables"],
+    "_backend_update_step": ["self", "grads", "trainable_variables", "learning_rate"],
+    "_apply_weight_decay": ["self", "variables"],
+    "_clip_gradients": ["self", "grads"],
+    "_use_weight_decay": ["self", "variable"],
+    "_get_current_learning_rate": ["self"],
+    "_backend_reset_gradient_accumulators": ["self"],
+    "_backend_increment_gradient_accumulators": ["self", "grads", "acc_grads"],
+    "_get_variable_index": ["self", "variable"],
+    "_update_model_variables_moving_average": ["self", "trainable_variables"],
+    "_overwrite_model_variables_with_average_value": ["self", "trainable_variables"],
+    "_distributed_tf_update_step": ["self", "distribution", "grads_and_vars", "learning_rate"],
+}
+# Public methods the step overrides or calls with these parameters.
+PUBLIC = {
+    "assign": ["self", "variable", "value"],
+    "assign_add": ["self", "variable", "value"],
+    "assign_sub": ["self", "variable", "value"],
+    "update_step": ["self", "gradient", "variable", "learning_rate"],
+}
+
+
+def _instances():
+    """A built optimizer (with accumulation and EMA) and a compiled model:
+    the attributes Keras sets at run time."""
+    opt = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2, use_ema=True)
+    opt.build([keras.Variable(np.zeros(2, "float32"))])
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    return {"BaseOptimizer": opt, "TFOptimizer": opt, "Trainer": model}
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_listed_internal_exists(hook):
+    owner, name = hook.split(".")
+    cls = OWNERS[owner]
+    found = hasattr(cls, name) or hasattr(_instances()[owner], name)
+    assert found, (
+        f"keras-clip uses {hook}, which Keras {keras.__version__} no longer "
+        "has: see keras_clip/backend/."
+    )
+    if name in SIGNATURES:
+        got = list(inspect.signature(getattr(cls, name)).parameters)
+        assert got == SIGNATURES[name], (
+            f"keras-clip relies on {hook}{tuple(SIGNATURES[name])}; Keras "
+            f"{keras.__version__} changed it to {tuple(got)}."
+        )
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_methods_the_step_relies_on(name):
+    got = list(inspect.signature(getattr(BaseOptimizer, name)).parameters)
+    assert got == PUBLIC[name]
+
+
+def _keras_private_names():
+    """Every private (single underscore) name of Keras's optimizer, model,
+    callback and their instances."""
+    names = set()
+    for obj in [BaseOptimizer, TFOptimizer, Trainer, keras.Model,
+                keras.callbacks.Callback, keras.optimizers.LossScaleOptimizer,
+                *_instances().values()]:
+        names |= set(dir(obj))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _private_names(path):
+    """Private attribute names a module reads, assigns or defines as methods."""
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.FunctionDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # getattr(model, "_loss_tracker")
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def _modules(inside_backend):
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if (path.parent.name == "backend") == inside_backend:
+            yield path
+
+
+def test_no_keras_internal_outside_backend():
+    keras_names = _keras_private_names()
+    found = {
+        str(path.relative_to(PACKAGE)): sorted(_private_names(path) & keras_names)
+        for path in _modules(inside_backend=False)
+    }
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_every_keras_internal_in_backend_is_listed():
+    keras_names = _keras_private_names()
+    used = set()
+    for path in _modules(inside_backend=True):
+        used |= _private_names(path) & keras_names
+    listed = {hook.split(".")[1] for hook in HOOKS}
+    assert used - listed == set(), "used in keras_clip/backend/ but not in HOOKS"
+    assert listed - used == set(), "listed in HOOKS but no longer used"
+
+
+def test_the_scan_finds_a_keras_internal():
+    # The scan above can fail: this source reads two Keras internals.
+    source = "def f(opt):\n    return opt._iterations, getattr(opt, '_trainable_variables')\n"
+    path = pathlib.Path(__file__).parent / "_scan_probe_tmp.py"
+    path.write_text(source)
+    try:
+        found = _private_names(path) & _keras_private_names()
+    finally:
+        path.unlink()
+    assert found == {"_iterations", "_trainable_variables"}
+
+
+def test_tf_distribute_api_the_step_relies_on():
+    for name in ("all_reduce", "merge_call", "num_replicas_in_sync"):
+        assert hasattr(tf.distribute.ReplicaContext, name), name
+    assert hasattr(tf.distribute.StrategyExtended, "update")
+    lso = keras.optimizers.LossScaleOptimizer(kc.ClippedSGD(0.1))
+    lso.build([keras.Variable(np.zeros(2, "float32"))])
+    assert hasattr(lso, "inner_optimizer") and hasattr(lso, "dynamic_scale")
