@@ -12,6 +12,8 @@ The Keras hooks it overrides and how the updates run live in
 optimizer class; the built-in ones are defined below.
 """
 
+import re
+
 import numpy as np
 import keras
 from keras import ops
@@ -443,8 +445,11 @@ def clipped(cls):
 
 def _registered(new, cls):
     """Documents and registers `new`, the `Clipped*` class of `cls`."""
-    new.__doc__ = f"`{cls.__name__}` with keras-clip's clipping.\n\n" + (
-        (cls.__doc__ or "").rstrip() + _MIXIN_DOC
+    # The base's examples stay as code, not doctests (they run the base).
+    base_doc = re.sub(r"^(\s*)(>>>|\.\.\.) ?", r"\1", cls.__doc__ or "", flags=re.M)
+    new.__doc__ = (
+        f"`{cls.__name__}` with keras-clip's clipping.\n\n"
+        + base_doc.rstrip() + _MIXIN_DOC
     )
     registered = keras.saving.get_registered_name(cls).replace(">", ".")
     keras.saving.register_keras_serializable(

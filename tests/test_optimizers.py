@@ -459,3 +459,23 @@ def test_a_clipper_of_ones_own_runs_in_the_step(jit):
     stats = opt.gradient_stats()
     assert stats["clipped_steps"] == 2 and stats["nonfinite_steps"] == 1
     assert float(opt.clipper._state_variables["count"].numpy()) == 4.0
+
+
+def test_every_builtin_class_is_defined_in_the_source_for_tools_to_see():
+    import ast
+    import pathlib
+
+    from keras_clip import optimizers
+
+    tree = ast.parse(pathlib.Path(optimizers.__file__).read_text())
+    defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    expected = {f"Clipped{name}" for name in builtin_optimizer_classes()}
+    assert expected <= defined, "a Keras optimizer has no Clipped class in the source"
+    assert set(BUILTIN) == expected
+    for name, cls in builtin_optimizer_classes().items():
+        new = BUILTIN[f"Clipped{name}"]
+        assert new.__bases__ == (kc.ClippingMixin, cls)
+        assert kc.clipped(cls) is new
+        # The docstring shows the base's arguments and keras-clip's.
+        assert "learning_rate" in new.__doc__ and "nonfinite" in new.__doc__
+        assert ">>>" not in new.__doc__  # the base's examples are not doctests here

@@ -1,6 +1,7 @@
 """Keras optimizer internals: the hooks keras-clip overrides, the private
 names it calls, and how one step's updates run (`updates_for`)."""
 
+import collections
 import contextlib
 
 from keras import ops
@@ -181,6 +182,10 @@ def _own_update_loop(optimizer):
     )
 
 
+class _Weight(collections.namedtuple("_Weight", ["value", "path"])):
+    """A weight's value and path: what a rule reads of a variable."""
+
+
 class InOrder:
     """One device: each variable decayed and updated (`update_step`, as
     Keras's own loop does) right after the ones before it, in reverse order,
@@ -204,7 +209,11 @@ class InOrder:
                 variable = variables[i]
                 gradient = chain.after_previous(grads[i])
                 if clip.separable:
-                    (gradient,) = clip([gradient], [variable], rows=[i])
+                    # The weight read in order too (AGC's norms), as a variable.
+                    weight = _Weight(
+                        chain.after_previous(backend.read(variable)), variable.path
+                    )
+                    (gradient,) = clip([gradient], [weight], rows=[i])
                 # Decay here, not for all variables first: the weight is in cache.
                 decay(optimizer, [variable])
                 optimizer.update_step(gradient, variable, learning_rate)
