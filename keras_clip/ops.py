@@ -72,34 +72,35 @@ def sum_of_squares(grads):
     return tensor_sums(grads)[:, 0]
 
 
-def tensor_sums(grads, fns=None):
-    """Sums over each tensor of elementwise functions of it, in one pass.
+def tensor_sums(grads, fns=()):
+    """Each tensor's sum of squares, and its sums of other elementwise
+    functions, in one pass.
 
     ```
-    tensor_sums(g, fns)[i, j] = sum(fns[j](g_i))      # in float32
+    tensor_sums(g, fns)[i, 0]     = sum(g_i ** 2)
+    tensor_sums(g, fns)[i, 1 + j] = sum(fns[j](g_i))
     ```
 
-    Each function maps a tensor (in its own dtype) to a tensor of its shape,
-    whose values are cast to float32 and summed. All of a tensor's sums are
-    taken together: on large tensors as one matrix-vector product, which
-    reads the tensor once (XLA's CPU reductions run on one thread, its dots
-    do not; see `_MATVEC_MIN_SIZE`).
+    All in float32: each function maps a tensor (in its own dtype) to a
+    tensor of its shape, whose values are cast to float32 and summed. A
+    tensor's sums are taken together: on large tensors as one matrix-vector
+    product, which reads the tensor once (XLA's CPU reductions run on one
+    thread, its dots do not; see `_MATVEC_MIN_SIZE`).
 
     Args:
         grads: List of tensors (no `None`).
-        fns: Sequence of elementwise functions. Defaults to `None`: the
-            square alone (see `sum_of_squares`).
+        fns: Sequence of elementwise functions. Defaults to none.
 
     Returns:
-        A float32 matrix of shape `(len(grads), len(fns))`.
+        A float32 matrix of shape `(len(grads), 1 + len(fns))`.
 
     Example:
 
-    >>> sums = tensor_sums([np.array([3.0, -1.0])], [lambda g: g, lambda g: g > 0])
+    >>> sums = tensor_sums([np.array([3.0, -1.0])], [lambda g: g > 0])
     >>> np.asarray(sums).tolist()
-    [[2.0, 1.0]]
+    [[10.0, 1.0]]
     """
-    fns = (_square,) if fns is None else tuple(fns)
+    fns = (_square, *fns)
     if not grads:
         return ops.zeros((0, len(fns)), "float32")
     return ops.stack([ops.stack(_sums(g, fns)) for g in grads])

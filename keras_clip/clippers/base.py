@@ -34,13 +34,6 @@ class Clipper:
     - `params`: the matching weights (variables or tensors), for rules that
       read them.
 
-    A rule that clips each tensor from its own gradient, weight and sums,
-    and whose state a step leaves alone (it only reads a threshold), sets
-    `separable = True`: `update` on a list is then `update` on each tensor
-    alone, and the optimizer may clip each tensor right before its own
-    update, while it is in cache (an execution detail:
-    `keras_clip.backend.InOrder`).
-
     Thresholds a user may change mid-training are `Threshold` attributes:
     they live in state variables, so a new value takes effect on the next
     step without re-tracing. Every other argument is compiled into the step:
@@ -48,7 +41,6 @@ class Clipper:
     """
 
     _state_variables = None
-    separable = False
 
     def init_state(self, variables):
         """Initial state: a dict of name -> NumPy array (shape, dtype, value).
@@ -125,9 +117,7 @@ class Clipper:
     def _sums(self, grads, state, step, sums):
         """`sums` as the optimizer passes them, or taken here if `None`."""
         if sums is None:
-            sums = kc_ops.tensor_sums(
-                grads, (kc_ops._square, *self.tensor_terms(state, step))
-            )
+            sums = kc_ops.tensor_sums(grads, self.tensor_terms(state, step))
         return sums
 
     def _current(self, name, state, step):
