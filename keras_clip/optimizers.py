@@ -208,13 +208,12 @@ class ClippingMixin(backend.OptimizerHooks):
             # scalar zero: `zeros_like(g)` becomes a constant as large as g.
             values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
             sums = ops.where(finite, sums, ops.zeros_like(sums))
-        clipped, new_state, info = self._clip(values, state, variables, sums, norm)
+        clip = _Clip(self.clipper, state, sums, self.iterations)
         keep = finite if self.nonfinite == "skip" else None
-        # Weight decay, update, EMA; then the clipper's state and the statistics.
-        updates.apply(self, rewrap(clipped), variables, keep)
-        updates.assign(self._new_state(new_state, state, finite)
-                       + self._new_stats(info, new_state, state, norm, finite,
-                                         squares, variables))
+        # Clip, weight decay, update, EMA.
+        updates.apply(self, rewrap(values), variables, clip, keep)
+        updates.assign(self._new_state(clip, state, finite)
+                       + self._new_stats(clip, state, norm, finite, squares, variables))
 
     def _sums(self, grads, state):
         terms = () if self.clipper is None else self.clipper.tensor_terms(
@@ -222,29 +221,20 @@ class ClippingMixin(backend.OptimizerHooks):
         )
         return kc_ops.tensor_sums(grads, terms)
 
-    def _clip(self, grads, state, variables, sums, norm):
-        """`clipper.update` on the step's gradients (a sparse one's rows)."""
-        if self.clipper is None:
-            return grads, {}, {"clipped": ops.array(False), "clipped_norm": norm}
-        return self.clipper.update(
-            grads, state, variables, step=self.iterations, sums=sums
-        )
-
-    def _new_state(self, new_state, state, finite):
+    def _new_state(self, clip, state, finite):
         """The clipper's state after the step: adaptive state never ingests a
         non-finite step."""
         return [
-            (var, ops.where(finite, new_state[name], state[name]))
+            (var, ops.where(finite, clip.new_state.get(name, state[name]), state[name]))
             for name, var in self._clip_state.items()
         ]
 
-    def _new_stats(self, info, new_state, state, norm, finite, squares, variables):
+    def _new_stats(self, clip, state, norm, finite, squares, variables):
         """The statistics after the step (a skipped or zeroed step: none
         clipped, the threshold unchanged)."""
         old = state.get("threshold", ops.array(np.inf, "float32"))
-        threshold = new_state.get("threshold", old)
-        clipped_norm = ops.cast(info["clipped_norm"], "float32")
-        clipped = ops.cast(info["clipped"], "bool")
+        threshold = clip.new_state.get("threshold", old)
+        clipped_norm, clipped = clip.info(fallback_norm=norm)
         if self.nonfinite != "propagate":
             clipped_norm = ops.where(finite, clipped_norm, 0.0)
             clipped = ops.logical_and(finite, clipped)
@@ -341,6 +331,59 @@ class ClippingMixin(backend.OptimizerHooks):
                 config[name] = None
         config["nonfinite"] = self.nonfinite
         return config
+
+
+class _Clip:
+    """The clipper's part of one step, passed to the step's updates.
+
+    `clip(grads, params)` clips a list through `clipper.update` (with the
+    step's state and sums); a separable rule may instead be called on one
+    tensor at a time (`rows=[i]`, its row of the sums), right before that
+    tensor's update. Either way the results are collected for the state and
+    the statistics. Sparse gradients are clipped as their rows.
+    """
+
+    def __init__(self, clipper, state, sums, step):
+        self.clipper = clipper
+        self.state = state
+        self.sums = sums
+        self.step = step
+        self.separable = clipper is not None and clipper.separable
+        self.new_state = {}
+        self._infos = {}
+
+    def __call__(self, grads, params, rows=None):
+        if self.clipper is None:
+            return grads
+        sums = self.sums if rows is None else ops.stack([self.sums[i] for i in rows])
+        parts = [backend.dense_values(g) for g in grads]
+        clipped, self.new_state, info = self.clipper.update(
+            [values for values, _ in parts], self.state, params,
+            step=self.step, sums=sums,
+        )
+        self._infos[None if rows is None else tuple(rows)] = info
+        return [rewrap(c) for (_, rewrap), c in zip(parts, clipped)]
+
+    def scalars(self, i):
+        """What the update chain waits for after tensor `i` (separable rules:
+        its clipped norm, taken while the tensor is in cache)."""
+        info = self._infos.get((i,))
+        return () if info is None else (info["clipped_norm"],)
+
+    def info(self, fallback_norm):
+        """`(clipped_norm, clipped)` of the step: from one call on the whole
+        list, or combined from the per-tensor calls."""
+        if self.clipper is None:
+            return fallback_norm, ops.array(False)
+        infos = list(self._infos.values())
+        if len(infos) == 1 and None in self._infos:
+            info = infos[0]
+            return ops.cast(info["clipped_norm"], "float32"), ops.cast(info["clipped"], "bool")
+        if not infos:
+            return ops.zeros((), "float32"), ops.array(False)
+        norms = ops.stack([ops.cast(i["clipped_norm"], "float32") for i in infos])
+        flags = ops.stack([ops.cast(i["clipped"], "bool") for i in infos])
+        return ops.sqrt(ops.sum(ops.square(norms))), ops.any(flags)
 
 
 def _constant(value):

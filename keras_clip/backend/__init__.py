@@ -103,6 +103,18 @@ def split_sparse(grads):
     return values, rewrap
 
 
+def dense_values(gradient):
+    """A gradient's values, and a function to put new values back.
+
+    A sparse gradient (its indices already unique, see `split_sparse`) gives
+    its rows; a dense gradient is its own value.
+    """
+    if not is_sparse(gradient):
+        return gradient, lambda values: values
+    tf = _tf()
+    return gradient.values, lambda values: tf.sparse(values, gradient.indices, gradient)
+
+
 def keep_unless(mask, value, variable):
     """`value` where `mask` holds, else the variable's current value."""
     if is_sparse(value):

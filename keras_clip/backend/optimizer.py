@@ -1,6 +1,7 @@
 """Keras optimizer internals: the hooks keras-clip overrides, the private
 names it calls, and how one step's updates run (`updates_for`)."""
 
+import collections
 import contextlib
 
 from keras import ops
@@ -151,11 +152,12 @@ def moving_average(optimizer, keep=None):
 
 
 # How one step's updates run: an execution detail behind one seam.
-# `all_reduce(grads)` sums the gradients across replicas (where there are
-# several); `apply` takes the clipped gradients (a sparse one as its unique
-# rows), the variables and `keep` (skip the step's assignments where false,
-# or None), and runs weight decay -> update -> EMA; `assign(pairs)` writes
-# the step's statistics and clipper state in the context the strategy needs.
+# `all_reduce(grads)` sums them across replicas (where there are several);
+# `apply` takes the gradients (a sparse one as its unique rows), the variables, the
+# step's clip (`clip(grads, params)`, see `optimizers._Clip`) and `keep`
+# (skip the step's assignments where false, or None), and runs: clip ->
+# weight decay -> update -> EMA. `assign(pairs)` then writes the step's
+# statistics and clipper state in the context the strategy needs.
 
 
 def updates_for(optimizer):
@@ -180,27 +182,42 @@ def _own_update_loop(optimizer):
     )
 
 
+class _Weight(collections.namedtuple("_Weight", ["value", "path"])):
+    """A weight's value and path: what a rule reads of a variable."""
+
+
 class InOrder:
     """One device: each variable decayed and updated (`update_step`, as
     Keras's own loop does) right after the ones before it, in reverse order,
-    two at a time (`backend.UpdateChain`): in reverse, the gradients the sums
-    read last are still in cache when their update runs.
+    two at a time (`backend.UpdateChain`).
+
+    In reverse: the gradients the sums read last are still in cache when
+    their update runs. A separable rule clips each tensor right before its
+    own update, too.
     """
 
     def all_reduce(self, grads):
         return grads
 
-    def apply(self, optimizer, grads, variables, keep):
+    def apply(self, optimizer, grads, variables, clip, keep):
         chain = backend.UpdateChain()
         with skip_masked(optimizer, keep):
             learning_rate = optimizer.learning_rate
+            if not clip.separable:
+                grads = clip(grads, variables)
             for i in reversed(range(len(variables))):
                 variable = variables[i]
                 gradient = chain.after_previous(grads[i])
+                if clip.separable:
+                    # The weight read in order too (AGC's norms), as a variable.
+                    weight = _Weight(
+                        chain.after_previous(backend.read(variable)), variable.path
+                    )
+                    (gradient,) = clip([gradient], [weight], rows=[i])
                 # Decay here, not for all variables first: the weight is in cache.
                 decay(optimizer, [variable])
                 optimizer.update_step(gradient, variable, learning_rate)
-                chain.link(variable)
+                chain.link(variable, *clip.scalars(i))
         moving_average(optimizer, keep)
 
     def assign(self, pairs):
@@ -215,10 +232,11 @@ class KerasOrder:
     def all_reduce(self, grads):
         return grads
 
-    def apply(self, optimizer, grads, variables, keep):
+    def apply(self, optimizer, grads, variables, clip, keep):
         with skip_masked(optimizer, keep):
+            clipped = clip(grads, variables)
             decay(optimizer, variables)
-            optimizer._backend_update_step(grads, variables, optimizer.learning_rate)
+            optimizer._backend_update_step(clipped, variables, optimizer.learning_rate)
         moving_average(optimizer, keep)
 
     def assign(self, pairs):
@@ -237,8 +255,10 @@ class CrossReplica:
     def all_reduce(self, grads):
         return backend.all_reduce_sum(self.replica, grads)
 
-    def apply(self, optimizer, grads, variables, keep):
+    def apply(self, optimizer, grads, variables, clip, keep):
         from keras_clip.backend import tensorflow
+
+        clipped = clip(grads, variables)
 
         def apply(distribution, clipped, keep):
             def run():
@@ -265,7 +285,7 @@ class CrossReplica:
             keep = distribution.experimental_local_results(keep)[0]
             backend.run_if(keep, run, lambda: [], [])
 
-        self.replica.merge_call(apply, args=(grads, keep))
+        self.replica.merge_call(apply, args=(clipped, keep))
 
     def assign(self, pairs):
         from keras_clip.backend import tensorflow

@@ -34,6 +34,13 @@ class Clipper:
     - `params`: the matching weights (variables or tensors), for rules that
       read them.
 
+    A rule that clips each tensor from its own gradient, weight and sums,
+    and whose state a step leaves alone (it only reads a threshold), sets
+    `separable = True`: `update` on a list is then `update` on each tensor
+    alone, and the optimizer may clip each tensor right before its own
+    update, while it is in cache (an execution detail:
+    `keras_clip.backend.InOrder`).
+
     Thresholds a user may change mid-training are `Threshold` attributes:
     they live in state variables, so a new value takes effect on the next
     step without re-tracing. Every other argument is compiled into the step:
@@ -41,6 +48,7 @@ class Clipper:
     """
 
     _state_variables = None
+    separable = False
 
     def init_state(self, variables):
         """Initial state: a dict of name -> NumPy array (shape, dtype, value).

@@ -38,6 +38,8 @@ class ValueClip(Clipper):
     def __init__(self, max_value=1.0):
         self.max_value = max_value
 
+    separable = True
+
     def init_state(self, variables):
         return {"threshold": Threshold.initial(self.max_value)}
 
@@ -89,6 +91,8 @@ class NormClip(Clipper):
 
     def __init__(self, max_norm=1.0):
         self.max_norm = max_norm
+
+    separable = True
 
     def init_state(self, variables):
         return {"threshold": Threshold.initial(self.max_norm)}
@@ -182,6 +186,8 @@ class AdaptiveGradClip(Clipper):
         self.axis = _check_axis(axis)
         self.exclude = _check_exclude(exclude)
         self._patterns = [re.compile(p) for p in self.exclude or ()]
+
+    separable = True
 
     def init_state(self, variables):
         return {"threshold": Threshold.initial(self.clip_factor)}
