@@ -479,3 +479,39 @@ def test_every_builtin_class_is_defined_in_the_source_for_tools_to_see():
         # The docstring shows the base's arguments and keras-clip's.
         assert "learning_rate" in new.__doc__ and "nonfinite" in new.__doc__
         assert ">>>" not in new.__doc__  # the base's examples are not doctests here
+
+
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: kc.ValueClip(0.5), lambda: kc.NormClip(1.0),
+     lambda: kc.AdaptiveGradClip(0.05, exclude="bias")],
+    ids=["value", "norm", "agc"],
+)
+def test_a_separable_rule_clipped_per_tensor_equals_the_list(make, jit):
+    """The seam: clipping each tensor right before its update (`separable`)
+    is the same rule as clipping the list first, to the last bit."""
+    rng = np.random.default_rng(0)
+    shapes = {"kernel": (64, 32), "bias": (32,), "emb": (300, 256)}
+    start = {k: rng.standard_normal(s).astype("float32") for k, s in shapes.items()}
+    grads = [rng.standard_normal(s).astype("float32") * 3 for s in shapes.values()]
+    results = []
+    for separable in (True, False):
+        clipper = make()
+        clipper.separable = separable  # (not a setting: only the execution)
+        variables = [keras.Variable(v, name=k) for k, v in start.items()]
+        opt = kc.ClippedSGD(learning_rate=1.0, clipper=clipper)
+        tf.function(lambda g: opt.apply(g, variables), jit_compile=jit)(
+            [tf.constant(g) for g in grads]
+        )
+        results.append(([v.numpy() for v in variables], opt.gradient_stats()))
+    (fused, fused_stats), (listed, listed_stats) = results
+    for a, b in zip(fused, listed):
+        np.testing.assert_array_equal(a, b)
+    assert fused_stats["clipped_steps"] == listed_stats["clipped_steps"] == 1
+    # The clipped norm is combined from per-tensor norms on one side: sqrt
+    # and square round once each (2 u), on a sum of 3 float32 terms (2 u).
+    np.testing.assert_allclose(
+        fused_stats["clipped_grad_norm"], listed_stats["clipped_grad_norm"], rtol=5 * 2**-24
+    )
+    assert any(not np.array_equal(a, s) for a, s in zip(fused, start.values()))
