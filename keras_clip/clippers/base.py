@@ -39,7 +39,7 @@ class Clipper:
     `separable = True`: `update` on a list is then `update` on each tensor
     alone, and the optimizer may clip each tensor right before its own
     update, while it is in cache (an execution detail:
-    `keras_clip.backend.InOrder`).
+    `InOrder` in `keras_clip/backend/optimizer.py`).
 
     Thresholds a user may change mid-training are `Threshold` attributes:
     they live in state variables, so a new value takes effect on the next
