@@ -183,6 +183,13 @@ class ClippingMixin(backend.OptimizerHooks):
             Whether the request changed: the step must then be traced again
             to follow it (`model.make_train_function(force=True)`).
         """
+        if histograms is not None and not isinstance(
+            histograms, stats.GradientHistograms
+        ):
+            raise TypeError(
+                "`histograms` must be a `keras_clip.stats.GradientHistograms` "
+                f"or None. Received: histograms={histograms!r}"
+            )
         changed = histograms is not self._histograms
         self._histograms = histograms
         return changed

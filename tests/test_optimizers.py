@@ -407,6 +407,10 @@ def test_requested_histograms_count_the_raw_gradients_every_freq_updates(jit):
     assert histograms.read()[0] == 2
     np.testing.assert_array_equal(histograms.read()[1], [[0, 0, 0, 0, 2, 0]])
     assert opt.record_gradient_histograms(None)
+    with pytest.raises(TypeError) as info:
+        opt.record_gradient_histograms("every step")
+    assert str(info.value).endswith("Received: histograms='every step'")
+    assert opt._histograms is None  # nothing was registered
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
