@@ -13,6 +13,7 @@ optimizer class; the built-in ones are defined below.
 """
 
 import re
+import warnings
 
 import numpy as np
 import keras
@@ -104,10 +105,12 @@ class ClippingMixin(backend.OptimizerHooks):
         self.clipper = clipper
         self.nonfinite = nonfinite
         self._histograms = None
+        self._readings = set()  # ids of variables not saved
 
     def build(self, variables):
         if self.built:
             return
+        backend.check_one_process()
         super().build(variables)
         clipper = self.clipper
         state = {} if clipper is None else clipper.init_state(variables)
@@ -191,8 +194,35 @@ class ClippingMixin(backend.OptimizerHooks):
                 f"or None. Received: histograms={histograms!r}"
             )
         changed = histograms is not self._histograms
+        if changed and histograms is not None:
+            histograms.build(self.add_variable)
+            for variable in (histograms.counts, histograms.step):
+                self._readings.add(id(variable))
         self._histograms = histograms
         return changed
+
+    # Saving: the state, not the readings (`record_gradient_histograms`), so
+    # that a file saved while a logger counted loads into any optimizer.
+
+    def _saved_variables(self):
+        return [v for v in self.variables if id(v) not in self._readings]
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._saved_variables()):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        variables = self._saved_variables()
+        if len(store.keys()) != len(variables):
+            warnings.warn(
+                f"Skipping variable loading for optimizer '{self.name}', "
+                f"because it has {len(variables)} variables whereas the "
+                f"saved optimizer has {len(store.keys())} variables.",
+                stacklevel=2,
+            )
+            return
+        for i, variable in enumerate(variables):
+            variable.assign(store[str(i)])
 
     # The step (Keras's `apply` calls it through `backend.OptimizerHooks`,
     # after undoing the loss scale and accumulating gradients).

@@ -108,8 +108,10 @@ class GradientHistograms:
     the gradients (before clipping) of every `freq`-th update, the first
     included, into `counts` (one row of `len(edges) + 3` buckets per group,
     see `bucket_counts`) and writes that update's index into `step`. The
-    counts live in variables of this object, not of the optimizer: they are
-    a reading, not training state, and are not saved with the model.
+    optimizer creates both variables (`build`) among its own, so that every
+    backend's step carries them (JAX's stateless step returns only the
+    optimizer's variables); they are a reading, not training state, and the
+    optimizer does not save them.
 
     Args:
         edges: 1-D float32 NumPy array of strictly increasing edges.
@@ -122,14 +124,22 @@ class GradientHistograms:
         self.edges = np.asarray(edges, "float32")
         self.freq = int(freq)
         self.groups = dict(groups)
+        self.counts = None
+        self.step = None
+
+    def build(self, add_variable):
+        """Creates `counts` and `step` with `add_variable(shape, initializer,
+        dtype, name)` (the optimizer's `add_variable`)."""
         rows = max(self.groups.values(), default=-1) + 1
-        self.counts = keras.Variable(
-            np.zeros((max(rows, 1), len(self.edges) + 3), "int32"),
-            trainable=False,
+        self.counts = add_variable(
+            shape=(max(rows, 1), len(self.edges) + 3),
+            initializer="zeros",
+            dtype="int32",
             name="gradient_histogram_counts",
         )
-        self.step = keras.Variable(
-            np.array(-1, "int64"), trainable=False, name="gradient_histogram_step"
+        self.step = add_variable(
+            shape=(), initializer=keras.initializers.Constant(-1), dtype="int32",
+            name="gradient_histogram_step",
         )
 
     def due(self, step):
@@ -164,7 +174,7 @@ class GradientHistograms:
         zeros = ops.zeros((length,), "int32")
         return [
             (self.counts, ops.stack([zeros if r is None else r for r in rows])),
-            (self.step, ops.cast(step, "int64")),
+            (self.step, ops.cast(step, "int32")),
         ]
 
     def read(self):

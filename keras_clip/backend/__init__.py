@@ -29,21 +29,28 @@ def _tf():
 
 
 def run_if(pred, fn, fallback, protect):
-    """Runs `fn()` (which may assign variables) only where `pred` is true.
+    """Runs `fn()` where `pred` is true and `fallback()` where it is false.
 
-    Returns `fn()`'s result where `pred` holds and `fallback()`'s otherwise;
-    both return the same structure of tensors. On TensorFlow this is one
-    `tf.cond`; elsewhere (JAX's stateless tracing) `fn` runs and every variable
-    in `protect` is then restored where `pred` is false.
+    Either may assign variables; both return the same structure of tensors.
+    On TensorFlow this is one `tf.cond`, on torch (eager) a Python `if`.
+    JAX's stateless tracing cannot assign inside a `cond`: both run, and
+    every variable in `protect` (all that either assigns) ends up with the
+    value of the branch `pred` picks.
     """
     tf = _tf()
     if tf is not None:
         return tf.run_if(pred, fn, fallback)
+    if keras.backend.backend() != "jax":
+        return ops.cond(pred, fn, fallback)
     old = [v.value for v in protect]
     out = fn()
+    taken = [v.value for v in protect]
     for v, o in zip(protect, old):
-        v.assign(ops.where(pred, v.value, o))
-    return tree.map_structure(lambda a, b: ops.where(pred, a, b), out, fallback())
+        v.assign(o)
+    other = fallback()
+    for v, t in zip(protect, taken):
+        v.assign(ops.where(pred, t, v.value))
+    return tree.map_structure(lambda a, b: ops.where(pred, a, b), out, other)
 
 
 def bincount(index, length):
@@ -151,6 +158,29 @@ def replica_context():
 def all_reduce_sum(context, grads):
     """Sums the gradients across the replicas of `context`."""
     return _tf().all_reduce_sum(context, grads)
+
+
+def check_one_process():
+    """Raises under `torch.distributed` with several processes.
+
+    Keras's `fit` on torch trains in one process; with several, nothing
+    tells keras-clip whether the gradients it gets were summed across the
+    processes first (DistributedDataParallel does, a plain loop does not),
+    and clipping each process's part would be silently wrong.
+    """
+    if keras.backend.backend() != "torch":
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise NotImplementedError(
+            "keras-clip on torch supports one process: with several "
+            "(torch.distributed), it cannot know whether the gradients were "
+            "summed across processes before clipping. Train in one process, "
+            "or use the JAX backend with keras.distribution.DataParallel or "
+            "TensorFlow with tf.distribute. "
+            f"Received: world_size={dist.get_world_size()}"
+        )
 
 
 def has_strategy():

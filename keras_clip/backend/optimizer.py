@@ -66,11 +66,16 @@ class OptimizerHooks:
             mean = [(g + a) / steps for g, a in zip(grads, accumulators)]
             self._apply_step(mean, trainable_variables)
             self._backend_reset_gradient_accumulators()
+            return []
 
         def accumulate():
             self._backend_increment_gradient_accumulators(grads, accumulators)
+            return []
 
-        ops.cond((self._iterations + 1) % steps == 0, update, accumulate)
+        backend.run_if(
+            (self._iterations + 1) % steps == 0, update, accumulate,
+            [*self.variables, *trainable_variables],
+        )
 
     def _clip_gradients(self, grads):
         return grads
@@ -135,12 +140,14 @@ def moving_average(optimizer, keep=None):
         optimizer._update_model_variables_moving_average(variables)
         if optimizer.ema_overwrite_frequency:
             every = optimizer.ema_overwrite_frequency
-            ops.cond(
-                (optimizer.iterations + 1) % every == 0,
-                lambda: optimizer._overwrite_model_variables_with_average_value(
-                    variables
-                ),
-                lambda: None,
+
+            def overwrite():
+                optimizer._overwrite_model_variables_with_average_value(variables)
+                return []
+
+            backend.run_if(
+                (optimizer.iterations + 1) % every == 0, overwrite, lambda: [],
+                variables,
             )
         return []
 

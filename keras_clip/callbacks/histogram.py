@@ -35,9 +35,7 @@ _DESCRIPTIONS = {
     "clip_threshold": "the clipping threshold",
     "layer_norm": "gradient norm before clipping",
 }
-_INSTALL = (
-    "GradientHistogramLogger needs TensorFlow or TensorBoard: pip install tensorboard"
-)
+_INSTALL = "GradientHistogramLogger needs TensorBoard: pip install tensorboard"
 
 
 def bucket_edges(bins):
@@ -81,15 +79,9 @@ def bucket_edges(bins):
     return edges32
 
 
-def _summary_backend():
-    """`"tensorflow"` or `"tensorboard"`: what can write event files, or None.
-
-    Only looks the packages up; nothing is imported.
-    """
-    for name in ("tensorflow", "tensorboard"):
-        if importlib.util.find_spec(name) is not None:
-            return name
-    return None
+def _has_tensorboard():
+    """Whether the `tensorboard` package is installed (nothing is imported)."""
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 @keras.saving.register_keras_serializable(package="keras_clip")
@@ -139,10 +131,9 @@ class GradientHistogramLogger(keras.callbacks.Callback):
 
     Between logging steps the cost is one comparison in the step and the
     read of one scalar variable per batch end. The callback needs a
-    keras-clip optimizer (possibly inside a `LossScaleOptimizer`), and
-    TensorFlow or the `tensorboard` package to write event files. It does
-    not support the JAX backend, whose stateless step drops the updates of
-    the variables the counts are kept in.
+    keras-clip optimizer (possibly inside a `LossScaleOptimizer`), and the
+    `tensorboard` package, whose own event-file writer it uses on every
+    backend (TensorFlow is not needed).
 
     At the start of `fit` the callback asks the optimizer for the counts
     (`opt.record_gradient_histograms`) and, if that changes what the step
@@ -196,8 +187,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
             raise TypeError(
                 f"`scalars` must be a bool. Received: scalars={scalars!r}"
             )
-        self._summary_kind = _summary_backend()
-        if self._summary_kind is None:
+        if not _has_tensorboard():
             raise ImportError(_INSTALL)
         self.log_dir = log_dir
         self.freq = freq
@@ -237,15 +227,6 @@ class GradientHistogramLogger(keras.callbacks.Callback):
     # Callback hooks.
 
     def on_train_begin(self, logs=None):
-        if keras.backend.backend() == "jax":
-            # JAX's stateless step keeps only the model's and the optimizer's
-            # variables: the counts would be dropped without a word.
-            raise NotImplementedError(
-                "GradientHistogramLogger does not support the JAX backend: "
-                "its stateless step drops the updates of the variables the "
-                "counts are kept in. "
-                "Received: backend='jax'"
-            )
         opt = self._clipping_optimizer()
         self._close_writer()  # left open by a `fit` that raised
         self._open_writer()
@@ -345,15 +326,13 @@ class GradientHistogramLogger(keras.callbacks.Callback):
     def _writer(self):
         if self._writer_ is None:
             directory = os.path.join(os.fspath(self.log_dir), "train")
-            if self._summary_kind == "tensorflow":
-                self._writer_ = _TFWriter(directory)
-            else:
-                self._writer_ = _TensorBoardWriter(directory)
+            self._writer_ = _Writer(directory)
         return self._writer_
 
     def _write_if_new(self):
         if self._histograms is None:
             return
+        self.model  # noqa: B018 (on JAX, Keras's `model` property brings the step's state back)
         step, counts = self._histograms.read()
         if step < 0 or step == self._written_step:
             return
@@ -439,41 +418,14 @@ def _variable_path(variable):
     return getattr(variable, "path", None) or variable.name
 
 
-# Event-file writers: the same summaries through TensorFlow or TensorBoard.
-# TensorBoard stores a histogram as a float64 tensor of (left, right, count)
-# rows under the "histograms" plugin and a scalar as a float32 scalar under
-# "scalars"; both plugins' data protos at version 0 serialize to b"".
+# Event files, through TensorBoard's own writer (the `tensorboard` package,
+# which needs no TensorFlow): a histogram is a float64 tensor of (left,
+# right, count) rows under the "histograms" plugin, a scalar a float32
+# scalar under "scalars"; both plugins' data protos at version 0 serialize
+# to b"".
 
 
-class _TFWriter:
-    def __init__(self, directory):
-        import tensorflow as tf
-
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(directory)
-
-    def write(self, tag, value, step, plugin, description):
-        tf = self._tf
-        metadata = tf.compat.v1.SummaryMetadata(
-            summary_description=description,
-            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name=plugin),
-        )
-        dtype = tf.float64 if plugin == "histograms" else tf.float32
-        # `record_if(True)`: Keras's TensorBoard callback may have pushed a
-        # `record_if` for its own batch frequency.
-        with self._writer.as_default(), tf.summary.record_if(True):
-            tf.summary.write(
-                tag, tf.constant(value, dtype), step=step, metadata=metadata
-            )
-
-    def flush(self):
-        self._writer.flush()
-
-    def close(self):
-        self._writer.close()
-
-
-class _TensorBoardWriter:
+class _Writer:
     def __init__(self, directory):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 

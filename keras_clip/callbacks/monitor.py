@@ -288,6 +288,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._epoch = _Epoch(self._last)
 
     def on_train_batch_end(self, batch, logs=None):
+        self.model  # noqa: B018 (on JAX, Keras's `model` property brings the step's state back)
         stats = _read(self._optimizer, reset_window=True)
         last, self._last = self._last, stats
         new_steps = stats["steps"] - last["steps"]
