@@ -139,13 +139,12 @@ def test_bad_arguments_fail_in_init(kwargs, error, message):
     assert str(info.value) == message
 
 
-def test_without_tensorflow_or_tensorboard_fails_at_construction(monkeypatch):
-    monkeypatch.setattr(histogram, "_summary_backend", lambda: None)
+def test_without_tensorboard_fails_at_construction(monkeypatch):
+    monkeypatch.setattr(histogram, "_has_tensorboard", lambda: False)
     with pytest.raises(ImportError) as info:
         GradientHistogramLogger("logs")
     assert str(info.value) == (
-        "GradientHistogramLogger needs TensorFlow or TensorBoard: "
-        "pip install tensorboard"
+        "GradientHistogramLogger needs TensorBoard: pip install tensorboard"
     )
 
 
@@ -183,20 +182,6 @@ def test_needs_a_keras_clip_optimizer(tmp_path):
     message = str(info.value)
     assert "Compile the model with `keras_clip.ClippedAdam(...)`." in message
     assert message.endswith(f"Received: optimizer={model.optimizer!r}")
-
-
-def test_jax_backend_fails_clearly(tmp_path, monkeypatch):
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
-    model.compile(optimizer=kc.ClippedAdam(), loss="mse")
-    logger = GradientHistogramLogger(tmp_path)
-    logger.set_model(model)
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(NotImplementedError) as info:
-        logger.on_train_begin()
-    assert str(info.value).endswith("Received: backend='jax'")
-    # Nothing was asked of the optimizer, nothing created in `log_dir`.
-    assert model.optimizer.record_gradient_histograms(None) is False
-    assert not any(tmp_path.iterdir())
 
 
 # Bucket counts against NumPy.
@@ -286,9 +271,7 @@ def drive(log_dir, steps, **kwargs):
     return logger
 
 
-@pytest.mark.parametrize("writer", ["tensorflow", "tensorboard"])
-def test_event_files_hold_numpy_histograms_and_scalars(tmp_path, monkeypatch, writer):
-    monkeypatch.setattr(histogram, "_summary_backend", lambda: writer)
+def test_event_files_hold_numpy_histograms_and_scalars(tmp_path):
     edges = DEFAULT_EDGES
     steps = known_steps(7, edges)
     drive(tmp_path, steps, freq=2)
@@ -578,9 +561,7 @@ def test_record_none_stops_the_counting_after_a_retrace(tmp_path, monkeypatch):
 # An unwritable `log_dir`, and a `fit` that raises.
 
 
-@pytest.mark.parametrize("writer", ["tensorflow", "tensorboard"])
-def test_unwritable_log_dir_fails_before_the_first_step(tmp_path, monkeypatch, writer):
-    monkeypatch.setattr(histogram, "_summary_backend", lambda: writer)
+def test_unwritable_log_dir_fails_before_the_first_step(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     log_dir = blocker / "logs"  # under a regular file: unwritable, even as root
@@ -616,9 +597,9 @@ def failing_batches():
 @pytest.mark.parametrize("where", ["step", "logger", "other_callback"])
 def test_fit_that_raises_leaves_request_and_model_usable(tmp_path, monkeypatch, where):
     closed = []
-    close = histogram._TFWriter.close
+    close = histogram._Writer.close
     monkeypatch.setattr(
-        histogram._TFWriter, "close", lambda self: closed.append(self) or close(self)
+        histogram._Writer, "close", lambda self: closed.append(self) or close(self)
     )
     model = counting_model()
     opt = model.optimizer
@@ -629,7 +610,7 @@ def test_fit_that_raises_leaves_request_and_model_usable(tmp_path, monkeypatch, 
                       callbacks=[logger])
     elif where == "logger":
         with monkeypatch.context() as patch:
-            patch.setattr(histogram._TFWriter, "write",
+            patch.setattr(histogram._Writer, "write",
                           lambda *args: (_ for _ in ()).throw(OSError("disk full")))
             with pytest.raises(OSError, match="disk full"):
                 fit3(model, callbacks=[logger])

@@ -1,6 +1,7 @@
 """Clipped* optimizers: training, saving, the non-finite policies, statistics."""
 
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -396,6 +397,13 @@ def test_requested_histograms_count_the_raw_gradients_every_freq_updates(jit):
     opt.build(variables)
     assert opt.record_gradient_histograms(histograms)  # a new request
     assert not opt.record_gradient_histograms(histograms)  # the same one
+    # The request's variables are the optimizer's (every backend's step
+    # carries them), created by the request, not before.
+    assert histograms.counts.dtype == "int32" and histograms.step.dtype == "int32"
+    assert tuple(histograms.counts.shape) == (1, len(edges) + 3)
+    ids = [id(v) for v in opt.variables]
+    assert id(histograms.counts) in ids and id(histograms.step) in ids
+    assert histograms.read()[0] == -1  # nothing counted yet
     step = tf.function(lambda g: opt.apply(g, variables), jit_compile=jit)
     # Update 0 is counted (before clipping: |g| = 3 and 4, log10 in [0, 1)).
     step(grads)
@@ -411,6 +419,45 @@ def test_requested_histograms_count_the_raw_gradients_every_freq_updates(jit):
         opt.record_gradient_histograms("every step")
     assert str(info.value).endswith("Received: histograms='every step'")
     assert opt._histograms is None  # nothing was registered
+
+
+def test_a_file_saved_while_histograms_were_counted_loads_without_a_request(tmp_path):
+    # The counts are a reading, not training state: the file holds the same
+    # optimizer variables as one saved without a request, so it loads into an
+    # optimizer that was never asked for histograms, with every state restored.
+    model = small_model()
+    opt = kc.ClippedAdam(learning_rate=0.01, clipper=kc.ZClip(warmup_steps=2))
+    model.compile(optimizer=opt, loss="mse")
+    x, y = data()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    histograms = stats.GradientHistograms(
+        np.array([-3.0, 0.0, 3.0], "float32"), freq=1,
+        groups={v.path: 0 for v in model.trainable_variables},
+    )
+    assert opt.record_gradient_histograms(histograms)
+    model.make_train_function(force=True)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+    assert histograms.read()[0] == 7 and histograms.read()[1].sum() > 0  # counted
+    readings = {id(histograms.counts), id(histograms.step)}
+    state = [v for v in opt.variables if id(v) not in readings]
+    assert len(state) == len(opt.variables) - 2
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras warns when it drops the state
+        loaded = keras.saving.load_model(path)
+    assert loaded.optimizer._histograms is None
+    restored = loaded.optimizer.variables
+    assert [v.path for v in restored] == [v.path for v in state]
+    for saved, got in zip(state, restored):
+        np.testing.assert_array_equal(got.numpy(), saved.numpy(), err_msg=saved.path)
+    assert int(loaded.optimizer.iterations.numpy()) == 8
+    assert loaded.optimizer.gradient_stats() == opt.gradient_stats()
+    # Both go on the same way.
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    loaded.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
