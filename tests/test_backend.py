@@ -12,7 +12,6 @@ import pathlib
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from keras.src.backend.tensorflow.optimizer import TFOptimizer
 from keras.src.optimizers.base_optimizer import BaseOptimizer
 from keras.src.trainers.trainer import Trainer
@@ -143,10 +142,16 @@ def test_the_scan_finds_a_keras_internal():
     assert found == {"_iterations", "_trainable_variables"}
 
 
+@pytest.mark.tensorflow(reason="tf.distribute: the step all-reduces through it only on TensorFlow")
 def test_tf_distribute_api_the_step_relies_on():
+    import tensorflow as tf
+
     for name in ("all_reduce", "merge_call", "num_replicas_in_sync"):
         assert hasattr(tf.distribute.ReplicaContext, name), name
     assert hasattr(tf.distribute.StrategyExtended, "update")
+
+
+def test_loss_scale_optimizer_api_the_step_relies_on():
     lso = keras.optimizers.LossScaleOptimizer(kc.ClippedSGD(0.1))
     lso.build([keras.Variable(np.zeros(2, "float32"))])
     assert hasattr(lso, "inner_optimizer") and hasattr(lso, "dynamic_scale")

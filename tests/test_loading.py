@@ -53,7 +53,7 @@ print(json.dumps(out))
 
 def load_in_fresh_python(path, import_first):
     env = dict(
-        os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="3",
+        os.environ, KERAS_BACKEND=keras.backend.backend(), TF_CPP_MIN_LOG_LEVEL="3",
         PYTHONPATH=ROOT,
     )
     proc = subprocess.run(
