@@ -2,13 +2,15 @@
 
 Timings live in benchmarks/ (run on purpose, not in CI). These tests pin what
 the speed rests on: the update chain survives XLA's optimizations and changes
-no value, and a step allocates no gradient-sized buffer.
+no value, and a step allocates no gradient-sized buffer. They read what
+TensorFlow compiles (XLA's optimized HLO, TensorFlow's memory statistics), and
+the update chain exists only there: they run on TensorFlow. That an unclipped
+step equals Keras's, bit for bit, holds on every backend.
 """
 
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_clip as kc
 from keras_clip import backend
@@ -16,12 +18,20 @@ from keras_clip import backend
 from test_correctness import CLIPPERS
 
 
+HLO = pytest.mark.tensorflow(
+    reason="reads XLA's optimized HLO of a tf.function (experimental_get_compiler_ir)"
+)
+
+
 def _entry_lines(hlo):
     lines = hlo.split("ENTRY", 1)[1].splitlines()
     return [line.strip() for line in lines[1:] if line.strip() not in ("", "}")]
 
 
+@HLO
 def test_chain_dependency_survives_xla():
+    import tensorflow as tf
+
     # Without the chain, XLA schedules every variable's first fusion before
     # any second one. The chain's token must survive XLA's simplifier: with
     # two lanes, the third gradient's output depends on the first variable's
@@ -51,8 +61,11 @@ def test_chain_dependency_survives_xla():
     assert uses.get(2, 0) == 0, hlo  # w2
 
 
+@HLO
 @pytest.mark.parametrize("clipper", [None, "value", "agc"])
 def test_optimizer_updates_variables_in_order_two_at_a_time(clipper):
+    import tensorflow as tf
+
     # Three variables, plain SGD: one update fusion each. Chained in two
     # lanes, the third update reads the first one's output (in reverse
     # order: the norm pass read the last gradients last, so their updates go
@@ -90,7 +103,10 @@ def _critical_path(hlo):
     return max(depth.values())
 
 
+@HLO
 def test_agc_waits_for_three_kernels_per_variable():
+    import tensorflow as tf
+
     # Each variable's update waits, in its lane, for its weight's norm (the
     # partial sums, their sum, the root: 3 kernels), its scale (1) and its
     # update (2): 3 per variable over two lanes. Deriving AGC's flags from
@@ -107,7 +123,12 @@ def test_agc_waits_for_three_kernels_per_variable():
     assert path(8) - path(4) <= 3 * 4
 
 
+@pytest.mark.tensorflow(
+    reason="the update chain is an XLA select under tf.function; elsewhere it is a no-op"
+)
 def test_chain_changes_no_bit():
+    import tensorflow as tf
+
     values = np.array([-0.0, 0.0, 1.5, -2.0, np.nan, np.inf, -np.inf, 1e-45], "float32")
     for first in (1.0, np.nan, np.inf, -0.0):
         w = tf.Variable(np.full(3, first, "float32"))
@@ -139,6 +160,17 @@ OPTIMIZERS = {
 }
 
 
+def _compiled_apply(opt, variables):
+    """`opt.apply` on `variables`, compiled by XLA on TensorFlow (as
+    `model.fit` would), eager elsewhere."""
+    apply = lambda gs: opt.apply(gs, variables)  # noqa: E731
+    if keras.backend.backend() != "tensorflow":
+        return apply
+    import tensorflow as tf
+
+    return tf.function(apply, jit_compile=True)
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_unclipped_step_equals_keras(name):
     rng = np.random.default_rng(0)
@@ -157,10 +189,11 @@ def test_unclipped_step_equals_keras(name):
             kwargs["nonfinite"] = "propagate"
         opt = cls(learning_rate=0.01, **kwargs)
         variables = [keras.Variable(x) for x in init]
-        fn = tf.function(lambda gs: opt.apply(gs, variables), jit_compile=True)
+        fn = _compiled_apply(opt, variables)
         for gs in grads:
-            fn([tf.constant(g) for g in gs])
-        results.append(([v.numpy() for v in variables], [v.numpy() for v in opt.variables]))
+            fn([keras.ops.convert_to_tensor(g) for g in gs])
+        numpy = keras.ops.convert_to_numpy
+        results.append(([numpy(v) for v in variables], [numpy(v) for v in opt.variables]))
     (w_keras, s_keras), (w_ours, s_ours) = results
     # keras-clip builds Keras's state first, then its own.
     s_ours = s_ours[: len(s_keras)]
@@ -171,12 +204,13 @@ def test_unclipped_step_equals_keras(name):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def _memory():
-    return tf.config.experimental.get_memory_info("CPU:0")
-
-
+@pytest.mark.tensorflow(
+    reason="TensorFlow's memory statistics (tf.config.experimental.get_memory_info)"
+)
 @pytest.mark.parametrize("name", CLIPPERS)
 def test_step_allocates_no_gradient_sized_buffer(name):
+    import tensorflow as tf
+
     # 8 x 1 MB of gradients: a copy of even one of them would show. The step
     # updates weights and slots in place and keeps only scalars besides.
     rng = np.random.default_rng(0)
@@ -191,9 +225,9 @@ def test_step_allocates_no_gradient_sized_buffer(name):
     peaks = []
     for _ in range(3):
         tf.config.experimental.reset_memory_stats("CPU:0")
-        before = _memory()["current"]
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
         fn()
-        peaks.append(_memory()["peak"] - before)
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - before)
     # The first call compiles: TensorFlow once folded `zeros_like(g)` into
     # constants twice the size of all the gradients there. (It may also copy
     # a few variables that still share a buffer: hence the looser bound.)
@@ -201,7 +235,10 @@ def test_step_allocates_no_gradient_sized_buffer(name):
     assert max(peaks[1:]) < 2**19, peaks  # under half of one gradient
 
 
+@HLO
 def test_value_clip_takes_its_statistics_in_the_norms_pass():
+    import tensorflow as tf
+
     # ValueClip's clipped sum of squares and its count of moved elements come
     # from the product that takes the norms: one dot per gradient, as many as
     # global-norm clipping has (a sum of its own would be another pass).
