@@ -16,7 +16,6 @@ import urllib.request
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
@@ -26,6 +25,19 @@ from keras_clip import stats
 from keras_clip.callbacks import histogram
 from keras_clip.callbacks.histogram import GradientHistogramLogger
 from keras_clip.callbacks.histogram import bucket_edges
+
+BACKEND = keras.backend.backend()
+# `jit_compile=True` compiles the train step with XLA on TensorFlow and JAX; on
+# torch it is `torch.compile`, not the eager loop torch's `fit` runs by default
+# (and minutes per `fit` here).
+FIT_JIT_COMPILE = BACKEND != "torch"
+NOT_TORCH_COMPILE = [
+    pytest.mark.tensorflow(reason="jit_compile=True is XLA; torch's is torch.compile"),
+    pytest.mark.jax,
+]
+# Whether `fit` traces the step once and then runs it without its Python
+# (torch's eager loop runs the step's Python every batch).
+TRACED = BACKEND != "torch"
 
 DEFAULT_EDGES = np.linspace(-12.0, 4.0, 65).astype("float32")
 UNEVEN_EDGES = np.array([-9.0, -6.5, -5.0, -3.3, -3.0, -1.0, 0.0, 2.5], "float32")
@@ -187,7 +199,30 @@ def test_needs_a_keras_clip_optimizer(tmp_path):
 # Bucket counts against NumPy.
 
 
-@pytest.mark.parametrize("mode", ["eager", "graph", "jit"])
+def compiled(fn, mode):
+    """`fn` run eagerly, traced by `tf.function`, or compiled with XLA."""
+    if mode == "eager":
+        return fn
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=mode == "jit")
+
+
+MODES = [
+    "eager",
+    pytest.param("graph", marks=pytest.mark.tensorflow(reason="tf.function graph mode")),
+    pytest.param("jit", marks=[
+        pytest.mark.tensorflow(reason="XLA: tf.function(jit_compile=True) or jax.jit"),
+        pytest.mark.jax,
+    ]),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize(
     "edges", [DEFAULT_EDGES, bucket_edges(5), UNEVEN_EDGES], ids=["64", "5", "uneven"]
@@ -199,10 +234,8 @@ def test_bucket_counts_match_numpy(edges, dtype, mode):
         rng, (7, 33), edges, zeros=5, nonfinite=(np.nan, np.inf, -np.inf),
         low=low, high=high,
     ).astype(dtype)
-    fn = lambda t: bucket_counts(t, edges)  # noqa: E731
-    if mode != "eager":
-        fn = tf.function(fn, jit_compile=mode == "jit")
-    counts = keras.ops.convert_to_numpy(fn(tf.constant(g)))
+    fn = compiled(lambda t: bucket_counts(t, edges), mode)
+    counts = keras.ops.convert_to_numpy(fn(keras.ops.convert_to_tensor(g)))
     expected = np_buckets(g.astype("float32"), edges)
     assert counts.dtype == np.int32 and counts.shape == (len(edges) + 3,)
     np.testing.assert_array_equal(counts, expected)
@@ -249,8 +282,19 @@ def known_steps(n_steps, edges):
     return steps
 
 
+def applier(opt, variables):
+    """`opt.apply` on NumPy gradients: compiled with XLA on TensorFlow (the
+    counting must compile), eager elsewhere (`fit` compiles it there)."""
+    if keras.backend.backend() != "tensorflow":
+        return lambda grads: opt.apply([keras.ops.convert_to_tensor(g) for g in grads],
+                                       variables)
+    import tensorflow as tf
+
+    return tf.function(lambda grads: opt.apply(grads, variables), jit_compile=True)
+
+
 def drive(log_dir, steps, **kwargs):
-    """Runs the callback's hooks around `opt.apply` compiled with XLA."""
+    """Runs the callback's hooks around `opt.apply` (see `applier`)."""
     model = functional_model()
     opt = kc.ClippedSGD(learning_rate=0.01, global_clipnorm=1.0)
     model.compile(optimizer=opt, loss="mse")
@@ -260,9 +304,9 @@ def drive(log_dir, steps, **kwargs):
     logger = GradientHistogramLogger(log_dir, **kwargs)
     logger.set_model(model)
     logger.on_train_begin()
-    apply = tf.function(lambda grads: opt.apply(grads, variables), jit_compile=True)
+    apply = applier(opt, variables)
     for t, grads in enumerate(steps):
-        apply([tf.constant(grads[v.path]) for v in variables])
+        apply([grads[v.path] for v in variables])
         logger.on_train_batch_end(t)
     logger.on_train_end()
     assert logger._writer_ is None
@@ -353,9 +397,9 @@ def test_gradient_accumulation_counts_updates(tmp_path):
     logger = GradientHistogramLogger(tmp_path, freq=2)
     logger.set_model(model)
     logger.on_train_begin()
-    apply = tf.function(lambda grads: opt.apply(grads, variables), jit_compile=True)
+    apply = applier(opt, variables)
     for t in range(10):
-        apply([tf.fill(v.shape, float(t + 1)) for v in variables])
+        apply([np.full(v.shape, t + 1.0, "float32") for v in variables])
         logger.on_train_batch_end(t)
     logger.on_train_end()
     # Keras's `iterations` counts the 5 updates: 0, 2 and 4 are logged.
@@ -375,7 +419,9 @@ def data(n=48, seed=0):
     return x, (x @ rng.standard_normal((3, 2))).astype("float32") * 3
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize(
+    "jit", [pytest.param(True, marks=NOT_TORCH_COMPILE), False], ids=["jit", "nojit"]
+)
 def test_fit_with_keras_tensorboard_in_the_same_run(tmp_path, jit):
     model = functional_model()
     model.compile(
@@ -438,7 +484,8 @@ def test_module_neither_imports_backend_nor_assigns_the_train_function():
 
 class Traces:
     """Counts traces of the step's histogram counting (Python runs only while
-    the step is traced) and records the train functions Keras makes."""
+    the step is traced; on torch, at every step) and records the train
+    functions Keras makes."""
 
     def __init__(self, monkeypatch, model):
         self.count = 0
@@ -464,7 +511,7 @@ class Traces:
 def counting_model():
     model = functional_model()
     model.compile(optimizer=kc.ClippedSGD(0.01, global_clipnorm=1.0), loss="mse",
-                  jit_compile=True)
+                  jit_compile=FIT_JIT_COMPILE)
     return model
 
 
@@ -506,7 +553,8 @@ def test_fit_again_does_not_retrace(tmp_path, monkeypatch):
     first, train_function = traces.count, model.train_function
     assert first > 0
     fit3(model, callbacks=[logger])
-    assert traces.count == first  # no new trace, no new compilation
+    if TRACED:
+        assert traces.count == first  # no new trace, no new compilation
     assert model.train_function is train_function
     assert all(force is False for force, _ in traces.made[2:])
     assert logged_steps(tmp_path) == [0, 2, 4]
@@ -640,6 +688,8 @@ def test_fit_that_raises_leaves_request_and_model_usable(tmp_path, monkeypatch, 
     assert np.all(np.isfinite(model.get_weights()[0]))
 
 
+@pytest.mark.tensorflow(reason="steps_per_execution > 1 (Keras's torch trainer refuses it)")
+@pytest.mark.jax
 def test_fit_steps_per_execution_writes_the_logged_step(tmp_path):
     model = functional_model()
     model.compile(optimizer=kc.ClippedSGD(0.01), loss="mse", steps_per_execution=4)
