@@ -6,10 +6,11 @@ and tests/test_adaptive.py (the adaptive loops). Each clipper gets a
 `w <- w - g_clipped`: the new weights tell the gradient training applied.
 
 tests/test_reference_path.py imports this module to run the one-device paths
-("xla", "graph") in its own process, and runs it as a program for "mirrored"
-(`MirroredStrategy`, two replicas, each applying a part of the gradient):
-TensorFlow must split the CPU into two logical devices before it starts,
-which the test process can't do.
+of its backend (tests/steps.py: "xla" and "graph" on TensorFlow, "jit" and
+"eager" on JAX, "eager" on torch) in its own process, and runs it as a
+program for "mirrored" (TensorFlow's `MirroredStrategy`, two replicas, each
+applying a part of the gradient): TensorFlow must split the CPU into two
+logical devices before it starts, which the test process can't do.
 
     PYTHONPATH=ROOT:ROOT/tests python reference_path.py OUTPUT.npz
 """
@@ -20,11 +21,12 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ["KERAS_BACKEND"] = "tensorflow"
+if __name__ == "__main__":  # imported, it runs on the importer's backend
+    os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import steps  # noqa: E402
 import test_adaptive  # noqa: E402
 import test_clippers  # noqa: E402
 
@@ -43,17 +45,17 @@ class Trainer:
     """A `ClippedSGD(learning_rate=1.0)` on float32 variables of `shapes`.
 
     `step(grads, params)` sets the variables to `params` (zeros if `None`),
-    applies `grads` and returns the new weights and `gradient_stats()`. The
-    step is one `tf.function`, traced once: the gradients are a list of
-    tensors of fixed shapes.
+    applies `grads` and returns the new weights and `gradient_stats()`. On
+    one device the step runs on `path` (tests/steps.py); a compiled step is
+    traced once: the gradients are a list of tensors of fixed shapes.
 
-    Under `strategy` (two replicas) the first replica applies `a = fl(3g/4)`
-    of each gradient and the second `g - a`: exact in float32 (Sterbenz: `a`
-    is within a factor 2 of `g`), and so is their sum, `g`. The parts differ,
-    so neither can pass for the sum, doubled.
+    Under `strategy` (TensorFlow, two replicas) the first replica applies
+    `a = fl(3g/4)` of each gradient and the second `g - a`: exact in float32
+    (Sterbenz: `a` is within a factor 2 of `g`), and so is their sum, `g`.
+    The parts differ, so neither can pass for the sum, doubled.
     """
 
-    def __init__(self, clipper, shapes, jit_compile=False, strategy=None):
+    def __init__(self, clipper, shapes, path="graph", strategy=None):
         scope = strategy.scope() if strategy else contextlib.nullcontext()
         with scope:
             self.variables = [
@@ -62,27 +64,43 @@ class Trainer:
             ]
             self.optimizer = kc.ClippedSGD(learning_rate=1.0, clipper=clipper)
             self.optimizer.build(self.variables)
-
-        def apply(grads):
-            self.optimizer.apply(grads, self.variables)
-
-        def apply_part(grads):
-            # On the replica's device, where a gradient is computed.
-            first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
-            apply([tf.where(first, g * 0.75, g - g * 0.75) for g in grads])
-
         if strategy is None:
-            self.function = tf.function(apply, jit_compile=jit_compile)
+            self.function = steps.compiled_apply(self.optimizer, self.variables, path)
         else:
-            self.function = tf.function(
-                lambda grads: strategy.run(apply_part, args=(grads,))
-            )
+            self.function = MirroredStep(self.optimizer, self.variables, strategy)
 
     def step(self, grads, params=None):
         for i, v in enumerate(self.variables):
             v.assign(np.zeros(v.shape, "float32") if params is None else params[i])
-        self.function([tf.constant(g, "float32") for g in grads])
+        self.function([np.asarray(g, "float32") for g in grads])
         return [v.numpy() for v in self.variables], self.optimizer.gradient_stats()
+
+    @property
+    def traces(self):
+        return self.function.traces
+
+
+class MirroredStep:
+    """`optimizer.apply` in a `tf.function` of `strategy.run`, each replica
+    applying its part of the gradient (see `Trainer`)."""
+
+    def __init__(self, optimizer, variables, strategy):
+        import tensorflow as tf
+
+        def apply_part(grads):
+            # On the replica's device, where a gradient is computed.
+            first = tf.distribute.get_replica_context().replica_id_in_sync_group == 0
+            parts = [tf.where(first, g * 0.75, g - g * 0.75) for g in grads]
+            optimizer.apply(parts, variables)
+
+        self.function = tf.function(
+            lambda grads: strategy.run(apply_part, args=(grads,))
+        )
+
+    def __call__(self, grads):
+        import tensorflow as tf
+
+        self.function([tf.constant(g, "float32") for g in grads])
 
     @property
     def traces(self):
@@ -130,7 +148,7 @@ def record(run, label, result):
     run["stats"].append(stats)
 
 
-def run_table(jit_compile=False, strategy=None):
+def run_table(path="graph", strategy=None):
     """{clipper name: run} over `table_inputs()`, one optimizer per clipper.
 
     A run holds, for each step in order, its `labels`, the new `weights` and
@@ -138,7 +156,7 @@ def run_table(jit_compile=False, strategy=None):
     """
     runs = {}
     for name, (make, _) in test_clippers.TABLE.items():
-        trainer = Trainer(make(), test_clippers.SHAPES, jit_compile, strategy)
+        trainer = Trainer(make(), test_clippers.SHAPES, path, strategy)
         run = new_run()
         for label, (grads, params) in table_inputs().items():
             record(run, label, trainer.step(grads, start_weights(name, params)))
@@ -151,16 +169,16 @@ def run_table(jit_compile=False, strategy=None):
     return runs
 
 
-def run_adaptive(case, jit_compile=False, strategy=None, steps=None):
-    """The run of `test_adaptive.CASES[case]` over `sequence()` (or its `steps`).
+def run_adaptive(case, path="graph", strategy=None, only=None):
+    """The run of `test_adaptive.CASES[case]` over `sequence()` (or its steps `only`).
 
     The weights start at zero on every step; the labels are the steps' indices.
     """
     make, _ = test_adaptive.CASES[case]
-    trainer = Trainer(make(), test_adaptive.SHAPES, jit_compile, strategy)
+    trainer = Trainer(make(), test_adaptive.SHAPES, path, strategy)
     sequence = test_adaptive.sequence()
     run = new_run()
-    for t in range(len(sequence)) if steps is None else steps:
+    for t in range(len(sequence)) if only is None else only:
         record(run, t, trainer.step(sequence[t]))
     run["traces"] = trainer.traces
     return run
@@ -195,6 +213,8 @@ def load(path):
 
 
 def main():
+    import tensorflow as tf
+
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2
@@ -203,7 +223,7 @@ def main():
     runs = {f"table/{k}": v for k, v in run_table(strategy=strategy).items()}
     for case in test_adaptive.CASES:
         runs[f"adaptive/{case}"] = run_adaptive(
-            case, strategy=strategy, steps=MIRRORED_STEPS
+            case, strategy=strategy, only=MIRRORED_STEPS
         )
     save(sys.argv[1], runs, strategy.num_replicas_in_sync)
 
