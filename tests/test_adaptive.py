@@ -1,4 +1,9 @@
-"""AutoClip, ZClip and AdaGC against NumPy loops written from their rules."""
+"""AutoClip, ZClip and AdaGC against NumPy loops written from their rules.
+
+The loops call `clipper.update` compiled as the backend compiles a step
+(tests/steps.py: XLA on TensorFlow and JAX, eager on torch); training runs
+Keras's `fit` the backend's way.
+"""
 
 import math
 import os
@@ -6,7 +11,8 @@ import os
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+import steps
+from keras import ops
 
 import keras_clip as kc
 from keras_clip import clippers
@@ -143,11 +149,11 @@ def test_300_steps_match_the_numpy_rule(case):
     make, make_ref = CASES[case]
     clipper, ref = make(), make_ref()
     params = [np.zeros(s, "float32") for s in SHAPES]
-    state = {k: tf.constant(v) for k, v in clipper.init_state(params).items()}
-    update = tf.function(lambda g, s: clipper.update(g, s, params), jit_compile=True)
+    state = {k: ops.convert_to_tensor(v) for k, v in clipper.init_state(params).items()}
+    update = steps.compiled(lambda g, s: clipper.update(g, s, params))
     clipped_any = 0
     for t, grads in enumerate(sequence()):
-        out, state, info = update([tf.constant(g) for g in grads], state)
+        out, state, info = update([ops.convert_to_tensor(g) for g in grads], state)
         threshold, clipped_norm = ref.step(grads)
         np.testing.assert_allclose(
             float(state["threshold"]), threshold, rtol=1e-5, err_msg=f"step {t}"
@@ -186,13 +192,13 @@ def test_autoclip_keeps_its_history_in_order_through_ties_and_nan():
     # Norms from a set of three values: every eviction and insertion meets
     # ties; a NaN step leaves the history and its order alone.
     clip = kc.AutoClip(percentile=50.0, history_size=7)
-    state = {k: tf.constant(v) for k, v in clip.init_state([]).items()}
-    update = tf.function(lambda g, s: clip.update([g], s), jit_compile=True)
+    state = {k: ops.convert_to_tensor(v) for k, v in clip.init_state([]).items()}
+    update = steps.compiled(lambda g, s: clip.update([g], s))
     values = np.random.default_rng(3).choice([1.0, 2.0, 3.0], 120).astype("float32")
     values[[10, 50]] = np.nan
     kept = []
     for t, v in enumerate(values):
-        _, state, _ = update(tf.constant([v]), state)
+        _, state, _ = update(ops.convert_to_tensor([v]), state)
         if not np.isnan(v):
             kept = (kept + [v])[-7:]
         ordered = np.asarray(state["sorted"])
@@ -241,11 +247,17 @@ def test_save_and_resume_equals_uninterrupted(name, tmp_path):
     fit = dict(batch_size=8, verbose=0, shuffle=False)
 
     straight = rnn()
-    straight.compile(kc.ClippedAdam(0.01, clipper=ADAPTIVE[name]()), "mse", jit_compile=True)
+    straight.compile(
+        kc.ClippedAdam(0.01, clipper=ADAPTIVE[name]()), "mse",
+        jit_compile=steps.FIT_JIT_COMPILE,
+    )
     straight.fit(x, y, epochs=4, **fit)
 
     first = rnn()
-    first.compile(kc.ClippedAdam(0.01, clipper=ADAPTIVE[name]()), "mse", jit_compile=True)
+    first.compile(
+        kc.ClippedAdam(0.01, clipper=ADAPTIVE[name]()), "mse",
+        jit_compile=steps.FIT_JIT_COMPILE,
+    )
     first.fit(x, y, epochs=2, **fit)
     path = os.path.join(tmp_path, "half.keras")
     first.save(path)
@@ -281,7 +293,7 @@ BAD = 28  # batch 28 of 32 (8 samples each) has its inputs times 100
 
 def run_with_bad_batch(opt):
     model = rnn()
-    model.compile(opt, "mse", jit_compile=True)
+    model.compile(opt, "mse", jit_compile=steps.FIT_JIT_COMPILE)
     x, y = rnn_data(n=256, bad_batch=BAD)
     record = Deltas()
     model.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=False, callbacks=[record])
@@ -362,39 +374,35 @@ def test_strings_and_round_trip(name, cls):
 # Thresholds set mid-training: variables, read by the next step.
 
 
-@pytest.mark.parametrize("jit", [True, False], ids=["jit", "nojit"])
+@pytest.mark.parametrize("path", steps.PATHS)
 @pytest.mark.parametrize(
     "make, start",
     [(lambda: kc.ZClip(), None), (lambda: kc.AdaGC(max_norm=100.0), 100.0)],
     ids=["zclip", "adagc"],
 )
-def test_max_norm_set_mid_training_takes_effect_without_retracing(make, start, jit):
+def test_max_norm_set_mid_training_takes_effect_without_retracing(make, start, path):
     # Both clip to `max_norm` in their warm-up (ZClip caps its threshold,
     # AdaGC clips globally to it): a gradient of norm 5 is left alone under
     # the first bound and clipped to exactly the new one after the change.
+    # A compiled step (JAX's too, which takes the optimizer's variables as
+    # arguments) reads the new bound without tracing again.
     clipper = make()
     variables = [keras.Variable(np.zeros(2, "float32"))]
     opt = kc.ClippedSGD(learning_rate=1.0, clipper=clipper)
     opt.build(variables)
-    traces = []
-
-    def apply(grads):
-        traces.append(1)
-        opt.apply(grads, variables)
-
-    step = tf.function(apply, jit_compile=jit)
+    step = steps.compiled_apply(opt, variables, path)
 
     def moved_by(bound):
         clipper.max_norm = bound
         variables[0].assign(np.zeros(2, "float32"))
-        step([tf.constant([3.0, 4.0])])
+        step([np.array([3.0, 4.0], "float32")])
         return float(np.linalg.norm(variables[0].numpy()))
 
     assert moved_by(start) == 5.0
     np.testing.assert_allclose(moved_by(1.0), 1.0, rtol=2**-22)  # a scale and a norm
     assert opt.gradient_stats()["clip_threshold"] == 1.0
     assert moved_by(start) == 5.0
-    assert len(traces) == 1
+    assert step.traces == (1 if path in steps.COMPILED else 3)
 
 
 def test_a_setting_compiled_into_the_step_cannot_change_once_built():
