@@ -268,7 +268,8 @@ def clip_by_norm(grads, max_norm):
 
     Example:
 
-    >>> [np.round(np.asarray(g), 6).tolist() for g in clip_by_norm([np.array([3.0, 4.0])], 1.0)]
+    >>> clipped = clip_by_norm([np.array([3.0, 4.0])], 1.0)
+    >>> [[round(float(v), 6) for v in np.asarray(g)] for g in clipped]
     [[0.6, 0.8]]
     """
     values, rewrap = backend.split_sparse(grads)
