@@ -32,7 +32,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIPPED_CASES = ["none", "value", "norm", "global_norm", "agc", "autoclip",
                  "zclip", "adagc", "adam_decay", "nan_skip"]
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.tensorflow(
+        reason="tf.distribute (MirroredStrategy on two logical CPUs, "
+        "MultiWorkerMirroredStrategy): Keras's multi-device training on TensorFlow"
+    ),
+]
 
 
 def _env():
