@@ -19,15 +19,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 )
 
-import jax  # noqa: E402
+import jax
 
 if DTYPE == "float64":
     jax.config.update("jax_enable_x64", True)
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import keras_clip as kc  # noqa: E402
+import keras_clip as kc
 
 keras.config.set_floatx(DTYPE)
 

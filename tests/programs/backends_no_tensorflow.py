@@ -11,13 +11,13 @@ import sys
 # Before anything imports it: `import tensorflow` now raises ImportError.
 sys.modules["tensorflow"] = None
 
-import json  # noqa: E402
-import os  # noqa: E402
+import json
+import os
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-import keras_clip as kc  # noqa: E402
+import keras_clip as kc
 
 
 class Norms(keras.callbacks.Callback):

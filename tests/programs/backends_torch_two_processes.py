@@ -12,8 +12,8 @@ import sys
 
 os.environ["KERAS_BACKEND"] = "torch"
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def worker(rank, init_file, queue):
@@ -30,7 +30,7 @@ def worker(rank, init_file, queue):
         try:
             opt.build(model.trainable_variables)
             queue.put((rank, None, None))
-        except Exception as err:  # reported to the parent, which decides
+        except Exception as err:  # noqa: BLE001 (reported to the parent, which decides)
             queue.put((rank, type(err).__name__, str(err)))
         # A plain Keras optimizer still builds: the refusal is keras-clip's.
         keras.optimizers.Adam(0.01).build(model.trainable_variables)
