@@ -15,6 +15,7 @@ This module holds the functions whose backends differ.
 """
 
 import keras
+import numpy as np
 from keras import ops
 from keras import tree
 
@@ -88,9 +89,10 @@ def split_sparse(grads):
     element clipping and scaling of the values are those of the dense
     gradient, and the result stays sparse.
     """
+    grads = [_tensor(g) for g in grads]
     tf = _tf()
     if tf is None:
-        return list(grads), lambda values: list(values)
+        return grads, lambda values: list(values)
     rows = {}
     values = []
     for i, g in enumerate(grads):
@@ -108,6 +110,12 @@ def split_sparse(grads):
         return out
 
     return values, rewrap
+
+
+def _tensor(x):
+    """NumPy input as a tensor (NumPy arrays and torch tensors do not mix in
+    Python operators); anything else as it is."""
+    return ops.convert_to_tensor(x) if isinstance(x, (np.ndarray, np.generic)) else x
 
 
 def dense_values(gradient):

@@ -1,5 +1,7 @@
 """The `Clipper` base class: one protocol for every clip rule."""
 
+import functools
+
 import numpy as np
 from keras import ops
 from keras.optimizers.schedules import LearningRateSchedule
@@ -49,6 +51,11 @@ class Clipper:
 
     _state_variables = None
     separable = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "update" in cls.__dict__:
+            cls.update = _accepting_numpy(cls.__dict__["update"])
 
     def init_state(self, variables):
         """Initial state: a dict of name -> NumPy array (shape, dtype, value).
@@ -142,6 +149,26 @@ class Clipper:
 
             return serialize_keras_object(value)
         return value
+
+
+def _tensor(x):
+    """`x` as a tensor if it is a NumPy array or scalar, else `x` itself."""
+    return ops.convert_to_tensor(x) if isinstance(x, (np.ndarray, np.generic)) else x
+
+
+def _accepting_numpy(update):
+    """`update` with NumPy inputs made tensors first: the rules use Python
+    operators, which NumPy arrays and torch tensors do not mix."""
+
+    @functools.wraps(update)
+    def wrapped(self, grads, state, params=None, **kwargs):
+        grads = [_tensor(g) for g in grads]
+        state = {name: _tensor(value) for name, value in state.items()}
+        if params is not None:
+            params = [_tensor(p) for p in params]
+        return update(self, grads, state, params, **kwargs)
+
+    return wrapped
 
 
 class Threshold:
