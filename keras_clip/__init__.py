@@ -8,6 +8,8 @@ if _quiet.on_command_line():
     # not come before the command's own first line.
     _quiet.import_quietly("keras")
 
+import keras  # noqa: E402
+
 from keras_clip import ops  # noqa: E402
 from keras_clip.callbacks import GradientHistogramLogger
 from keras_clip.callbacks import GradientMonitor
@@ -29,10 +31,8 @@ from keras_clip.optimizers import ClippedAdamW
 from keras_clip.optimizers import ClippedFtrl
 from keras_clip.optimizers import ClippedLamb
 from keras_clip.optimizers import ClippedLion
-from keras_clip.optimizers import ClippedMuon
 from keras_clip.optimizers import ClippedNadam
 from keras_clip.optimizers import ClippedRMSprop
-from keras_clip.optimizers import ClippedScheduleFreeAdamW
 from keras_clip.optimizers import ClippedSGD
 from keras_clip.optimizers import ClippingMixin
 from keras_clip.optimizers import clipped
@@ -52,11 +52,9 @@ __all__ = [
     "ClippedFtrl",
     "ClippedLamb",
     "ClippedLion",
-    "ClippedMuon",
     "ClippedNadam",
     "ClippedRMSprop",
     "ClippedSGD",
-    "ClippedScheduleFreeAdamW",
     "Clipper",
     "ClippingMixin",
     "GlobalNormClip",
@@ -69,3 +67,13 @@ __all__ = [
     "ops",
     "suggest_threshold",
 ]
+
+# Optimizers only some Keras releases have.
+if hasattr(keras.optimizers, "Muon"):  # Keras 3.10 and later
+    from keras_clip.optimizers import ClippedMuon  # noqa: E402
+
+    __all__ += ["ClippedMuon"]
+if hasattr(keras.optimizers, "ScheduleFreeAdamW"):  # Keras 3.14 and later
+    from keras_clip.optimizers import ClippedScheduleFreeAdamW  # noqa: E402
+
+    __all__ += ["ClippedScheduleFreeAdamW"]

@@ -14,6 +14,7 @@ import numpy as np
 from keras import ops
 
 from keras_clip import _checks
+from keras_clip import backend
 from keras_clip.clippers import GlobalNormClip
 from keras_clip.clippers import NormClip
 from keras_clip.clippers import ValueClip
@@ -523,7 +524,7 @@ def _unwrap(optimizer):
     """The optimizer inside any `LossScaleOptimizer`."""
     while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         optimizer = optimizer.inner_optimizer
-    if isinstance(optimizer, keras.optimizers.MultiOptimizer):
+    if isinstance(optimizer, backend.keras_optimizers("MultiOptimizer")):
         raise TypeError(
             "`suggest_threshold` does not support `MultiOptimizer`: it updates "
             "the variables outside the step that records the gradient norms. "

@@ -433,7 +433,7 @@ def _constant(value):
 
 
 _CLIPPED = {}
-_WRAPPERS = (keras.optimizers.LossScaleOptimizer, keras.optimizers.MultiOptimizer)
+_WRAPPERS = backend.keras_optimizers("LossScaleOptimizer", "MultiOptimizer")
 # `model.optimizer.gradient_stats()` also when Keras wrapped the optimizer for
 # mixed precision.
 backend.forward_gradient_stats(keras.optimizers.LossScaleOptimizer)
@@ -565,9 +565,11 @@ class ClippedLion(ClippingMixin, keras.optimizers.Lion):
     pass
 
 
-@_builtin
-class ClippedMuon(ClippingMixin, keras.optimizers.Muon):
-    pass
+if hasattr(keras.optimizers, "Muon"):  # Keras 3.10 and later
+
+    @_builtin
+    class ClippedMuon(ClippingMixin, keras.optimizers.Muon):
+        pass
 
 
 @_builtin
@@ -585,9 +587,11 @@ class ClippedSGD(ClippingMixin, keras.optimizers.SGD):
     pass
 
 
-@_builtin
-class ClippedScheduleFreeAdamW(ClippingMixin, keras.optimizers.ScheduleFreeAdamW):
-    pass
+if hasattr(keras.optimizers, "ScheduleFreeAdamW"):  # Keras 3.14 and later
+
+    @_builtin
+    class ClippedScheduleFreeAdamW(ClippingMixin, keras.optimizers.ScheduleFreeAdamW):
+        pass
 
 
 BUILTIN = {cls.__name__: cls for cls in _CLIPPED.values()}

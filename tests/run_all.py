@@ -35,7 +35,7 @@ BACKEND_TESTS = [
     "keras_clip",
 ]
 # The oldest Keras keras-clip supports (setup.cfg), with its TensorFlow.
-OLDEST = ["keras==3.10.0", "tensorflow==2.19.1", "tensorboard==2.19.0"]
+OLDEST = ["keras==3.8.0", "tensorflow==2.19.1"]
 OLDEST_TESTS = [
     "tests/test_backend.py",
     "tests/test_optimizers.py",

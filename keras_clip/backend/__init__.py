@@ -29,6 +29,16 @@ def _tf():
     return tensorflow
 
 
+def keras_optimizers(*names):
+    """The classes among `keras.optimizers.<name>` this Keras has, as a tuple
+    for `isinstance` (`MultiOptimizer` came with Keras 3.15)."""
+    return tuple(
+        getattr(keras.optimizers, name)
+        for name in names
+        if hasattr(keras.optimizers, name)
+    )
+
+
 def run_if(pred, fn, fallback, protect):
     """Runs `fn()` where `pred` is true and `fallback()` where it is false.
 

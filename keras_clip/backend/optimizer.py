@@ -4,6 +4,7 @@ names it calls, and how one step's updates run (`updates_for`)."""
 import collections
 import contextlib
 
+import keras
 from keras import ops
 
 from keras_clip import backend
@@ -32,6 +33,14 @@ HOOKS = (
 )
 
 
+# Keras before 3.10 counts a step (`_iterations += 1`) at the end of
+# `_backend_apply_gradients`, which keras-clip replaces; from 3.10 on, `apply`
+# counts it after that call.
+COUNTS_STEP_IN_BACKEND_APPLY = tuple(
+    int(x) for x in keras.version().split(".")[:2]
+) < (3, 10)
+
+
 class OptimizerHooks:
     """The Keras optimizer methods keras-clip overrides, in one place.
 
@@ -53,6 +62,11 @@ class OptimizerHooks:
     _skip_mask = None
 
     def _backend_apply_gradients(self, grads, trainable_variables):
+        self._accumulate_or_apply(grads, trainable_variables)
+        if COUNTS_STEP_IN_BACKEND_APPLY:
+            self._iterations.assign_add(1)
+
+    def _accumulate_or_apply(self, grads, trainable_variables):
         steps = self.gradient_accumulation_steps
         if not steps:
             self._apply_step(grads, trainable_variables)

@@ -580,7 +580,7 @@ def _unwrap(optimizer):
     inner = _inner(optimizer)
     if isinstance(inner, ClippingMixin):
         return inner, loss_scaler
-    if isinstance(inner, keras.optimizers.MultiOptimizer):
+    if isinstance(inner, backend.keras_optimizers("MultiOptimizer")):
         raise TypeError(
             "GradientMonitor does not support `MultiOptimizer`: it updates "
             "the variables outside the step in which keras-clip optimizers "
