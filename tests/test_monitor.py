@@ -7,7 +7,6 @@ import warnings
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_clip as kc
 from keras_clip.callbacks import GradientAlarmError
@@ -126,6 +125,8 @@ def test_epoch_values_aggregate_every_step_not_the_last():
 
 
 def test_tensorboard_after_the_monitor_writes_the_scalars(tmp_path):
+    import tensorflow as tf  # (Keras's TensorBoard callback writes with it)
+
     model = compiled()
     x, y = data(64)
     board = keras.callbacks.TensorBoard(str(tmp_path))
@@ -308,6 +309,8 @@ def test_stall_fires_once_per_run_of_nonfinite_steps(capsys):
     assert finite_weights(model)
 
 
+@pytest.mark.tensorflow(reason="steps_per_execution > 1 (Keras's torch trainer refuses it)")
+@pytest.mark.jax
 def test_stall_count_with_steps_per_execution():
     # Steps 3-12 of 12 are non-finite. In executions of 4 steps, the first
     # (steps 1-4) ends a run the monitor counts from 1 (it cannot tell that
@@ -335,6 +338,7 @@ def alarm_run(capsys, spike=False, vanish=False, **kwargs):
     if vanish:  # no bias: zero inputs give exactly zero gradients
         x[12 * 8 :] = 0.0
         y[12 * 8 :] = 0.0
+    keras.utils.set_random_seed(0)  # the same weights in every run of a test
     model = compiled(
         kc.ClippedSGD(learning_rate=0.01, global_clipnorm=1.0),
         model=small_model(bias=not vanish),
@@ -477,6 +481,8 @@ def test_bilstm_spike_raises_the_explode_alarm(bilstm, capsys):
 # steps_per_execution.
 
 
+@pytest.mark.tensorflow(reason="steps_per_execution > 1 (Keras's torch trainer refuses it)")
+@pytest.mark.jax
 def test_steps_per_execution_counts_every_step():
     # 10 batches per epoch: executions of 4, 4 and 2 steps; a NaN batch inside
     # the first execution of each epoch, not at its end.
