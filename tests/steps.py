@@ -51,6 +51,7 @@ class Step:
 
             jitted = jax.jit(self._stateless)
             self._run = lambda grads: self._assign(jitted(*self._values(), grads))
+            optimizer.build(self.variables)  # (its variables go in and out)
         else:
             self._run = self._apply
 

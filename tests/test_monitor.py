@@ -649,6 +649,9 @@ def test_plain_keras_optimizer_is_a_clear_error(opt, advice):
     assert "Received: optimizer=<" in message
 
 
+@pytest.mark.skipif(
+    not hasattr(keras.optimizers, "MultiOptimizer"), reason="MultiOptimizer came with Keras 3.15"
+)
 def test_multi_optimizer_is_a_clear_error():
     model = small_model()
     opt = keras.optimizers.MultiOptimizer(lambda variable: kc.ClippedSGD())

@@ -6,6 +6,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import steps
 
 import keras_clip as kc
 from keras_clip import stats
@@ -27,48 +28,13 @@ JIT = [
 ]
 
 
-class Step:
+def Step(opt, variables, jit=XLA):
     """`opt.apply(grads, variables)` on NumPy gradients, run as training runs
-    it: compiled with XLA (`jit=True`: TensorFlow's `tf.function`, JAX's
-    `jax.jit` of `stateless_apply` with the values assigned back) or not
-    (TensorFlow: a `tf.function` graph; JAX and torch: eagerly). `traces`
-    counts the runs of the step's Python."""
-
-    def __init__(self, opt, variables, jit=XLA):
-        self.opt, self.variables, self.traces = opt, list(variables), 0
-        if BACKEND == "tensorflow":
-            import tensorflow as tf
-
-            self._run = tf.function(self._apply, jit_compile=jit)
-        elif jit:
-            import jax
-
-            self._jitted = jax.jit(self._stateless)
-            self._run = self._jax_run
-        else:
-            self._run = self._apply
-
-    def _apply(self, grads):
-        self.traces += 1
-        self.opt.apply(grads, self.variables)
-
-    def _stateless(self, opt_values, grads, values):
-        self.traces += 1
-        return self.opt.stateless_apply(opt_values, grads, values)
-
-    def _jax_run(self, grads):
-        self.opt.build(self.variables)  # (once)
-        values, opt_values = self._jitted(
-            [v.value for v in self.opt.variables], grads,
-            [v.value for v in self.variables],
-        )
-        for v, value in zip(self.variables, values):
-            v.assign(value)
-        for v, value in zip(self.opt.variables, opt_values):
-            v.assign(value)
-
-    def __call__(self, grads):
-        self._run([keras.ops.convert_to_tensor(g) for g in grads])
+    it (tests/steps.py): with XLA (`jit=True`) or on the backend's other path
+    (TensorFlow: a graph; JAX and torch: eagerly). `traces` counts the runs
+    of the step's Python."""
+    mode = steps.XLA if jit else ("graph" if BACKEND == "tensorflow" else "eager")
+    return steps.Step(opt, variables, mode)
 
 
 def small_model():
@@ -579,7 +545,8 @@ def test_every_builtin_class_is_defined_in_the_source_for_tools_to_see():
     from keras_clip import optimizers
 
     tree = ast.parse(pathlib.Path(optimizers.__file__).read_text())
-    defined = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    # (at the top level, or under an `if` for optimizers only some Keras has)
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
     expected = {f"Clipped{name}" for name in builtin_optimizer_classes()}
     assert expected <= defined, "a Keras optimizer has no Clipped class in the source"
     assert set(BUILTIN) == expected
