@@ -53,6 +53,10 @@ def cli_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.tensorflow(
+    reason="the demo runs on TensorFlow in CI (time); the library's behaviour on "
+    "this backend is covered by tests/test_backends.py"
+)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_global_norm_learns_where_plain_adam_stalls(seed, tmp_path):
     adam, clipped = _demo.run_demo(

@@ -19,6 +19,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = sorted(glob.glob(os.path.join(ROOT, "tutorials", "[0-9][0-9]_*.py")))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 WROTE = re.compile(r"^wrote (.+\.png)\s*$", re.MULTILINE)
+# Tutorials written with TensorFlow's own API: they run on TensorFlow only.
+TENSORFLOW_ONLY = {
+    "01_exploding_gradients.py": "its training step is a tf.GradientTape loop",
+    "05_distributed_and_mixed_precision.py": (
+        "tf.distribute.MirroredStrategy on logical CPUs set up with tf.config"
+    ),
+}
+
+
+def _tutorial(path):
+    reason = TENSORFLOW_ONLY.get(os.path.basename(path))
+    marks = [pytest.mark.tensorflow(reason=reason)] if reason else []
+    return pytest.param(path, marks=marks, id=os.path.basename(path))
 
 
 def test_there_are_five_tutorials():
@@ -27,7 +40,7 @@ def test_there_are_five_tutorials():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", TUTORIALS, ids=os.path.basename)
+@pytest.mark.parametrize("path", [_tutorial(path) for path in TUTORIALS])
 def test_tutorial_runs_and_writes_its_figures(path, tmp_path):
     env = dict(
         os.environ,
