@@ -135,7 +135,7 @@ class _StepLoss(keras.metrics.Metric):
         self.value.assign(keras.ops.mean(keras.ops.square(error)))
 
     def result(self):
-        return self.value
+        return self.value.value  # a tensor (JAX's jit takes no variable)
 
 
 class _Recorder(keras.callbacks.Callback):

@@ -467,6 +467,7 @@ def clipped(cls):
         )
     if issubclass(cls, ClippingMixin):
         return cls
+    cls = backend.optimizer.public_class(cls)
     if issubclass(cls, _WRAPPERS):
         raise TypeError(
             f"`{cls.__name__}` wraps other optimizers; clip the optimizer(s) "

@@ -173,6 +173,7 @@ class Diagnostics(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
         if self.step % 16 == 0:
+            self.model  # noqa: B018 (on JAX, reading `model` brings the weights back mid-fit)
             outputs = probe(x_img_val[:256])
             alive = [np.asarray(o).max(axis=(0, 1, 2)) > 0 for o in outputs]
             self.steps.append(self.step)

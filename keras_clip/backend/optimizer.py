@@ -128,6 +128,16 @@ def skip_masked(optimizer, keep):
         optimizer.__dict__["_skip_mask"] = None
 
 
+def public_class(cls):
+    """The `keras.optimizers` class that Keras's backend-specific `cls`
+    stands for (on torch, `type(keras.optimizers.Adam())` is Keras's own
+    fused subclass of `Adam`), else `cls`."""
+    if not cls.__module__.startswith("keras.src.backend."):
+        return cls
+    public = {v for v in vars(keras.optimizers).values() if isinstance(v, type)}
+    return next((c for c in cls.__mro__ if c in public), cls)
+
+
 def variable_index(optimizer, variable):
     """The variable's position in the optimizer's variable list."""
     return optimizer._get_variable_index(variable)
@@ -139,8 +149,11 @@ def trainable_variables(optimizer):
 
 
 def decay(optimizer, variables):
-    """Keras's (or the optimizer's own) decoupled weight decay."""
-    optimizer._apply_weight_decay(variables)
+    """Keras's (or the optimizer's own) decoupled weight decay, on those of
+    `variables` it applies to (Keras on torch fails on an empty list)."""
+    variables = [v for v in variables if optimizer._use_weight_decay(v)]
+    if variables:
+        optimizer._apply_weight_decay(variables)
 
 
 def moving_average(optimizer, keep=None):
