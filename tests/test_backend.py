@@ -155,3 +155,24 @@ def test_loss_scale_optimizer_api_the_step_relies_on():
     lso = keras.optimizers.LossScaleOptimizer(kc.ClippedSGD(0.1))
     lso.build([keras.Variable(np.zeros(2, "float32"))])
     assert hasattr(lso, "inner_optimizer") and hasattr(lso, "dynamic_scale")
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_iterations_advance_as_keras_counts_them(accumulation):
+    """keras-clip replaces `_backend_apply_gradients`, inside which Keras
+    before 3.10 counted the step (`backend.optimizer.COUNTS_STEP_IN_BACKEND_APPLY`):
+    on every supported Keras the count moves as Keras's own, and every update
+    is a step of the statistics (a frozen count never applied an accumulated
+    update and broke Adam's bias correction)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 4)).astype("float32")
+    y = rng.standard_normal((32, 1)).astype("float32")
+    counts = []
+    for cls in (keras.optimizers.Adam, kc.ClippedAdam):
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        opt = cls(1e-2, gradient_accumulation_steps=accumulation)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 4 batches
+        counts.append(int(keras.ops.convert_to_numpy(opt.iterations)))
+    assert counts[0] == counts[1] > 0
+    assert opt.gradient_stats()["steps"] == 4 // (accumulation or 1)
