@@ -17,7 +17,7 @@ def test_quick_start_has_exactly_two_one_line_commands():
     assert len(commands) == 2
     assert all("\n" not in c for c in commands)
     assert "python -m keras_clip demo" in commands[0]
-    assert "pytest" in commands[1]
+    assert "tests/run_all.py" in commands[1]
 
 
 def test_ci_runs_the_readme_test_command():
