@@ -7,6 +7,9 @@ if _quiet.on_command_line():
     # `python -m keras_clip` and `keras-clip`: TensorFlow's start-up log must
     # not come before the command's own first line.
     _quiet.import_quietly("keras")
+    # On another backend, TensorBoard's writers import TensorFlow (when it is
+    # installed) later, in the middle of the command's output.
+    _quiet.import_quietly("tensorflow", if_installed=True)
 
 import keras  # noqa: E402
 

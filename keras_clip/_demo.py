@@ -232,10 +232,9 @@ def train_run(name, model, initial_weights, data, epochs, seed, out, label, verb
     ]
     if out is not None:
         log_dir = os.path.join(out, "tensorboard", name)
-        if keras.backend.backend() == "tensorflow":
-            callbacks.append(
-                keras_clip.GradientHistogramLogger(log_dir, freq=HISTOGRAM_FREQ)
-            )
+        callbacks.append(
+            keras_clip.GradientHistogramLogger(log_dir, freq=HISTOGRAM_FREQ)
+        )
         callbacks.append(keras.callbacks.TensorBoard(log_dir, write_graph=False))
     callbacks.append(recorder)
     keras.utils.set_random_seed(seed)  # the same batches in every run

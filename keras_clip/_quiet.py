@@ -6,6 +6,7 @@ nothing may come before a command's own first line.
 """
 
 import importlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -19,7 +20,7 @@ def on_command_line():
     return bool(sys.argv) and os.path.basename(sys.argv[0]).startswith("keras-clip")
 
 
-def import_quietly(name):
+def import_quietly(name, if_installed=False):
     """Imports module `name` with TensorFlow's C++ start-up log silenced.
 
     `TF_CPP_MIN_LOG_LEVEL=3` (unless set) hides TensorFlow's C++ log; the lines
@@ -27,8 +28,11 @@ def import_quietly(name):
     `absl::InitializeLog`, `failed call to cuInit` when its devices are first
     listed) go to file descriptor 2 directly: it points to a temporary file
     during the import, and what was written there is replayed to stderr if
-    the import fails.
+    the import fails. With `if_installed=True`, a module that is not
+    installed is not imported (returns None).
     """
+    if if_installed and importlib.util.find_spec(name) is None:
+        return None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stdout.flush()
     sys.stderr.flush()
