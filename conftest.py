@@ -15,6 +15,10 @@ import pytest  # noqa: E402
 
 import keras_clip  # noqa: E402
 
+# Programs the tests run in processes of their own: importing one here would
+# run it (`--doctest-modules` imports every module it collects).
+collect_ignore_glob = ["tests/programs/*"]
+
 
 @pytest.fixture(autouse=True)
 def _doctest_names(doctest_namespace):
