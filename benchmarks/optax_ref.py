@@ -20,8 +20,11 @@ import json
 import sys
 
 import numpy as np
-
-from run import _summary, _table, _timed_rounds  # (this script's directory is on the path)
+from run import (  # (this script's directory is on the path)
+    _summary,
+    _table,
+    _timed_rounds,
+)
 
 SHAPES = [262_144] * 64
 # name -> the transformation chained before Adam (None: Adam alone)

@@ -1,6 +1,10 @@
 """keras-clip benchmarks: step time and memory as ratios to plain Adam.
 
-    python benchmarks/run.py [--parts a b c d] [--rounds 120] [--instances 3] [--repeats 12] [--json out.json]
+    pip install ".[tensorflow,jax]" optax
+    python benchmarks/run.py [--parts a b c d e f g] [--json out.json]
+    python benchmarks/run.py --backend jax [--parts a e f]
+
+TensorFlow (the default; every part, a to g, unless `--parts` says which):
 
 (a) the optimizer step alone: 64 tensors of 262,144 float32 (16.8M
     parameters), one XLA-compiled `apply`;
@@ -12,7 +16,26 @@
     and each callback's own host time after a batch;
 (d) memory in the (a) loop, each optimizer in its own process: the tensors
     the optimizer keeps, the buffers a step allocates on top of them (its
-    peak), and the process's growth (the compiler's memory included).
+    peak), and the process's growth (the compiler's memory included);
+(e) the `fit` step of many-variable models (`fit_parts.FIT_MODELS`: "mlp",
+    40 x Dense(64), 82 variables; "transformer", 4 encoder blocks, 66
+    variables), XLA on and off (`jit_compile=True`, `False`), a table each,
+    every configuration of (a) and a second Adam;
+(f) the first `fit` call of each (e) model (trace, compile, first step: its
+    wall time on one batch), measured while (e)'s models are built, as a
+    ratio to Adam's, model by model;
+(g) the callbacks' cost on a fast step (about 5 ms, `fit_parts.FAST_MODEL`,
+    `ClippedAdam(global_clipnorm=1.0)`): `GradientMonitor` (its alarms'
+    checks on, their output off) and `GradientHistogramLogger` with
+    `freq=100` and `freq=1`, all on one model: what each adds to the step
+    without callbacks, and its own `on_train_batch_end` time.
+
+JAX (`--backend jax`, a process of its own: Keras's backend is fixed at its
+import): (a) as Keras-JAX's `fit` runs an optimizer (a `jax.jit` of
+`stateless_apply`, its values donated; see `jax_step.py`), with optax's
+Adam and clipping in the same table; (e) and (f) with `jit_compile=True`
+(`--jit-compile on off` adds `False`: eager JAX, op by op, about 0.35 s a
+step here, some 40 minutes a model).
 
 Every time is the median over repeats (after warm-up) of the per-step time,
 divided by plain Adam's measured in the same process and the same repeat,
@@ -26,11 +49,19 @@ interval. (a) runs `--rounds` rounds in which every configuration is timed
 in a fresh random order, as `--instances` optimizers with slots of their
 own, for 3 calls each (where an optimizer's slots land in memory moves its
 time by up to 5%: see `part_a`); (b, c) run `--repeats` such rounds of 3
-`fit` steps each (after one left out).
+`fit` steps each (after one left out). (e) runs `--fit-rounds` rounds (20)
+of one `fit` call of `--fit-steps` measured steps (10) for each of
+`--fit-instances` models (2) per configuration; a `fit` step is timed from
+one batch's `on_train_batch_begin` to the next's, every callback's work
+included, the first batch left out. (g) runs `--callback-rounds` rounds
+(15) of one `fit` call of `--callback-steps` measured steps (50) per
+configuration. `--models`, `--jit-compile` and `--configs` pick a subset
+of (e, f) (and of (a), for `--configs`): the defaults run everything.
 Not part of the test run.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,10 +73,13 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+# The parts in other files (`fit_parts`, `jax_step`, `optax_ref`) import
+# their helpers from `run`: this very module, also when run as a script.
+sys.modules.setdefault("run", sys.modules[__name__])
 
 STEP_CONFIGS = {
     # name -> optimizer source (evaluated with keras and kc in scope)
@@ -106,7 +140,8 @@ def _summary(times, base):
 
 # The issue's targets: (part, row, key, bound). A target is met when the
 # median is within its bound; the 95% interval says whether the machine's
-# noise could have put it on the other side.
+# noise could have put it on the other side. (a) on TensorFlow and (b, c);
+# the other parts' bounds are in `_targets`.
 TARGETS = [
     ("a", "GlobalNormClip", "ratio", 1.03),
     ("a", "NormClip", "ratio", 1.03),
@@ -120,33 +155,76 @@ TARGETS = [
     ("bc", "ValueClip", "ratio", 1.03),
     ("bc", "AdaptiveGradClip", "ratio", 1.03),
 ]
+RULES = [
+    "GlobalNormClip", "NormClip", "ValueClip", "AdaptiveGradClip", "AutoClip",
+    "ZClip", "AdaGC",
+]
+KERAS_CLIP = ["ClippedAdam() no clipper", *RULES]
 
 
-def _by_state(results, part, name):
-    """Each state's median for an (a) row, and the floor's in the fast state."""
-    if part != "a" or not results["a_state"]["fast_share"]:
+def _fit_bounds(part, backend, jit_compile):
+    """The bounds of one (e) or (f) table: row -> bound on its ratio."""
+    if part == "f":
+        return dict.fromkeys(KERAS_CLIP, 1.25)
+    if backend == "jax":
+        # No bound for eager JAX (`jit_compile=False`): nobody trains that way for speed.
+        return dict.fromkeys(RULES, 1.05) if jit_compile else {}
+    rules, agc = (1.05, 1.10) if jit_compile else (1.10, 1.15)
+    return {**dict.fromkeys(RULES, rules), "AdaptiveGradClip": agc}
+
+
+def _targets(results):
+    """Every target these results can answer: (part, table, row, key, bound).
+
+    `table` names one of a part's tables ((e), (f)), or is None.
+    """
+    import fit_parts
+
+    if results["machine"]["backend"] == "jax":
+        rows = [("a", None, name, "ratio", 1.05) for name in RULES]
+    else:
+        rows = [(part, None, name, key, bound) for part, name, key, bound in TARGETS]
+        rows += [
+            ("bc", None, MONITOR, "over_b", 0.02),
+            ("bc", None, LOGGER_100, "over_b", 0.03),
+            ("g", None, fit_parts.MONITOR, "added", 0.05),
+            ("g", None, fit_parts.LOGGER_100, "added", 0.03),
+        ]
+    for part in ("e", "f"):
+        for table in results.get(part, {}):
+            bounds = _fit_bounds(part, results["machine"]["backend"], _jit_of(table))
+            rows += [(part, table, name, "ratio", b) for name, b in bounds.items()]
+    return rows
+
+
+def _notes(results, part, name):
+    """For an (a) row on TensorFlow: its ratio to the floor, and each state's
+    median with the floor's in the fast state."""
+    if part != "a" or "a_state" not in results:
         return ""
     row, floor = results["a"][name], results["a"][FLOOR]
-    return (f"; slow state {row['slow']:.3f}, fast {row['fast']:.3f} "
-            f"(the floor there: {floor['fast']:.3f})")
+    note = f"; {row['floor']:.3f} of the floor"
+    if results["a_state"]["fast_share"]:
+        note += (f"; slow state {row['slow']:.3f}, fast {row['fast']:.3f} "
+                 f"(the floor there: {floor['fast']:.3f})")
+    return note
 
 
 def _verdicts(results):
-    rows = list(TARGETS)
-    if "bc" in results and MONITOR in results["bc"]:
-        rows += [("bc", MONITOR, "over_b", 0.02), ("bc", LOGGER_100, "over_b", 0.03)]
     out = []
-    for part, name, key, bound in rows:
-        if part not in results:
+    for part, table, name, key, bound in _targets(results):
+        rows = results.get(part, {})
+        rows = rows.get(table, {}) if table is not None else rows
+        if name not in rows:
             continue
-        row = results[part][name]
+        row = rows[name]
         value = row[key]
-        prefix = "over_b_" if key == "over_b" else ""
+        prefix = "" if key == "ratio" else key + "_"
         lo, hi = row[prefix + "lo"], row[prefix + "hi"]
         verdict = "met" if value <= bound else "not met"
         if lo <= bound < hi:
             verdict += " (within noise)"
-        out.append((part, name, key, bound, value, lo, hi, verdict))
+        out.append((part, table, name, key, bound, value, lo, hi, verdict))
     return out
 
 
@@ -163,7 +241,7 @@ def _step_setup(seed=0):
     return variables, grads
 
 
-def part_a(rounds, calls=3, instances=3):
+def part_a(rounds, calls=3, instances=3, names=None):
     """Step time of each configuration, interleaved finely.
 
     Each round times every configuration in a fresh random order, so that a
@@ -173,19 +251,19 @@ def part_a(rounds, calls=3, instances=3):
     optimizer's slots land in memory moves its step time by up to 5% for the
     whole run (a second Adam measured 0.960 [0.939, 0.982] of the first), so
     a configuration's round time is the mean over its instances.
+    `names`: the configurations (default: all of `STEP_CONFIGS`).
     """
-    import tensorflow as tf
-
     import keras_clip as kc
 
     variables, grads = _step_setup()
 
     def apply(make):
-        return [
-            lambda opt=make(): opt.apply(grads, variables) for _ in range(instances)
-        ]
+        def step(opt):
+            return lambda: opt.apply(grads, variables)
 
-    steps = {name: apply(lambda name=name: _optimizer(name)) for name in STEP_CONFIGS}
+        return [step(make()) for _ in range(instances)]
+
+    steps = {name: apply(lambda name=name: _optimizer(name)) for name in names or STEP_CONFIGS}
     # Where the time goes: the two parts every rule needs.
     steps[UPDATE_ALONE] = apply(_chained_adam)
     steps[NORM_ALONE] = [lambda: kc.ops.global_norm(grads)]
@@ -273,27 +351,51 @@ def _timed_rounds(instances, rounds, calls, warmup=3):
     returns once its work is done (no framework of its own: `optax_ref.py`
     uses it too). Each is called `warmup` times first. Returns each name's
     per-round time, in seconds: the median of an instance's calls, averaged
-    over the name's instances.
+    over the name's instances (see `_rounds`).
     """
     for group in instances.values():
         for fn in group:
             for _ in range(warmup):
                 fn()
-    times = {name: [] for name in instances}
-    order = list(instances)
+
+    def timed(fn):
+        def measure():
+            ts = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            return np.median(ts)
+
+        return measure
+
+    return _rounds(
+        {name: [timed(fn) for fn in group] for name, group in instances.items()},
+        rounds,
+    )
+
+
+def _rounds(measures, rounds, warmup=0):
+    """The benchmarks' protocol: every configuration in every round, in a fresh order.
+
+    `measures` maps a name to a list of callables, one per instance of that
+    configuration, each measuring it once and returning a time in seconds.
+    Each is called `warmup` times first (results dropped). In each round the
+    names come in a fresh random order (so a slow spell of the machine hits
+    all of them alike) and each of a name's callables is called once.
+    Returns each name's per-round time: the mean over its instances.
+    """
+    for group in measures.values():
+        for measure in group:
+            for _ in range(warmup):
+                measure()
+    times = {name: [] for name in measures}
+    order = list(measures)
     rng = np.random.default_rng(0)
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            medians = []
-            for fn in instances[name]:
-                ts = []
-                for _ in range(calls):
-                    t = time.perf_counter()
-                    fn()
-                    ts.append(time.perf_counter() - t)
-                medians.append(np.median(ts))
-            times[name].append(float(np.mean(medians)))
+            times[name].append(float(np.mean([measure() for measure in measures[name]])))
     return times
 
 
@@ -444,17 +546,15 @@ def part_bc(rounds, steps=3, with_callbacks=True):
         cbs = [_timed_batch_end(make()) for make in callbacks]
         m.fit(x[:128], y[:128], batch_size=64, epochs=1, verbose=0, callbacks=cbs)
         runs[label] = (m, cbs)
-    times = {label: [] for label in runs}
-    order = list(runs)
-    shuffle = np.random.default_rng(0).shuffle
-    for _ in range(rounds):
-        shuffle(order)
-        for label in order:
-            m, cbs = runs[label]
-            timer = _StepTimer()
-            m.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False,
-                  callbacks=cbs + [timer.callback])
-            times[label].append(float(np.median(timer.callback.times[1:])))
+
+    def measure(label):
+        m, cbs = runs[label]
+        timer = _StepTimer()
+        m.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=False,
+              callbacks=cbs + [timer.callback])
+        return float(np.median(timer.callback.times[1:]))
+
+    times = _rounds({label: [functools.partial(measure, label)] for label in runs}, rounds)
     # The optimizer's own share of the step: what a clipper can add to it.
     alone = _optimizer_steps(runs["Adam"][0].trainable_variables)
     if with_callbacks:
@@ -498,7 +598,7 @@ def _timed_batch_end(callback):
 MONITOR = "GlobalNormClip + GradientMonitor"
 # The monitor's alarms fire on the benchmark's random data; their checks run,
 # their text is not a result.
-QUIET = dict(on_nonfinite=None, on_stall=None, on_explode=None, on_vanish=None)
+QUIET = {"on_nonfinite": None, "on_stall": None, "on_explode": None, "on_vanish": None}
 LOGGER_1 = "GlobalNormClip + GradientHistogramLogger(freq=1)"
 LOGGER_100 = "GlobalNormClip + GradientHistogramLogger(freq=100), amortized"
 
@@ -560,93 +660,268 @@ def _table(title, rows, keys=("ms", "ratio", "lo", "hi", "min", "max")):
         print(name.ljust(width) + "".join(
             "-".rjust(13) if row[k] is None
             else f"{row[k]:13.1f}" if k.endswith("mb")
-            else f"{row[k]:+13.4f}" if k.endswith("added")
+            else f"{row[k]:+13.4f}" if "added" in k
             else f"{row[k]:13.3f}"
             for k in keys
         ))
 
 
-def main(argv=None):
+# The parts each backend runs (b, c, d are TensorFlow's programs; (g) is
+# measured on TensorFlow only).
+PARTS = {"tensorflow": list("abcdefg"), "jax": list("aef")}
+
+
+def _arguments(argv):
+    import fit_parts
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["a", "b", "c", "d"],
-                        choices=["a", "b", "c", "d"])
+    parser.add_argument("--backend", choices=["tensorflow", "jax"], default="tensorflow",
+                        help="Keras's backend; jax runs (a, e, f) only. Defaults to tensorflow.")
+    parser.add_argument("--parts", nargs="+", choices=PARTS["tensorflow"],
+                        help="default: all of a-g on TensorFlow, a e f on JAX")
     parser.add_argument("--repeats", type=int, default=12,
                         help="interleaved rounds of (b, c) (at least 5)")
     parser.add_argument("--rounds", type=int, default=120,
                         help="interleaved rounds of (a) (at least 5)")
     parser.add_argument("--instances", type=int, default=3,
                         help="optimizers per (a) configuration, each with its own slots")
+    parser.add_argument("--configs", nargs="+", choices=list(STEP_CONFIGS), metavar="NAME",
+                        help="only these configurations in (a, e, f), Adam always "
+                        "(default: all; quote names with spaces: "
+                        + ", ".join(repr(n) for n in STEP_CONFIGS) + ")")
+    parser.add_argument("--models", nargs="+", choices=list(fit_parts.FIT_MODELS),
+                        default=list(fit_parts.FIT_MODELS), help="the models of (e, f)")
+    parser.add_argument("--jit-compile", nargs="+", choices=["on", "off"],
+                        help='the jit_compile settings of (e, f); default: "on off" on '
+                        'TensorFlow, "on" on JAX (off is eager JAX, op by op: about '
+                        "0.35 s a step here, 40 minutes a model at the defaults)")
+    parser.add_argument("--fit-rounds", type=int, default=20,
+                        help="interleaved rounds of (e) (at least 3)")
+    parser.add_argument("--fit-instances", type=int, default=2,
+                        help="compiled models per (e, f) configuration")
+    parser.add_argument("--fit-steps", type=int, default=10,
+                        help="measured steps per fit call in (e)")
+    parser.add_argument("--callback-rounds", type=int, default=15,
+                        help="interleaved rounds of (g) (at least 3)")
+    parser.add_argument("--callback-steps", type=int, default=50,
+                        help="measured steps per fit call in (g)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
-        _memory_child(args.memory_child)
-        return 0
-    if args.repeats < 5:
-        parser.error(f"--repeats must be at least 5. Received: {args.repeats}")
-    if args.rounds < 5:
-        parser.error(f"--rounds must be at least 5. Received: {args.rounds}")
-    if args.instances < 1:
-        parser.error(f"--instances must be at least 1. Received: {args.instances}")
+        return args
+    args.parts = args.parts or PARTS[args.backend]
+    args.jit_compile = args.jit_compile or (["on"] if args.backend == "jax" else ["on", "off"])
+    other = sorted(set(args.parts) - set(PARTS[args.backend]))
+    if other:
+        parser.error(f"--backend {args.backend} runs the parts {' '.join(PARTS[args.backend])}. "
+                     f"Received: --parts {' '.join(other)}")
+    for name, least in (("repeats", 5), ("rounds", 5), ("instances", 1),
+                        ("fit_rounds", 3), ("fit_instances", 1), ("fit_steps", 1),
+                        ("callback_rounds", 3), ("callback_steps", 1)):
+        value = getattr(args, name)
+        if value < least:
+            option = "--" + name.replace("_", "-")
+            parser.error(f"{option} must be at least {least}. Received: {value}")
+    if args.backend == "jax" and "a" in args.parts:
+        try:
+            import optax  # noqa: F401
+        except ImportError as error:
+            parser.error("(a) on JAX runs optax too: pip install optax. "
+                         f"Received: {error}")
+    return args
 
+
+def _configs(chosen=None):
+    """`STEP_CONFIGS`' names, Adam first, only those `chosen` (Adam always)."""
+    return [n for n in STEP_CONFIGS if n == "Adam" or chosen is None or n in chosen]
+
+
+def _machine(backend):
     import keras
-    import tensorflow as tf
 
-    results = {"machine": {
+    machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
+        "backend": backend,
         "keras": keras.__version__,
-        "tensorflow": tf.__version__,
-    }}
+    }
+    if backend == "jax":
+        import jax
+
+        machine["jax"] = jax.__version__
+        try:
+            import optax
+
+            machine["optax"] = optax.__version__
+        except ImportError:
+            pass
+    else:
+        import tensorflow as tf
+
+        machine["tensorflow"] = tf.__version__
+    return machine
+
+
+def _run_a(args, results):
+    names = _configs(args.configs)
+    if args.backend == "jax":
+        from jax_step import part_a_jax
+
+        results["a"] = part_a_jax(names, args.rounds, instances=args.instances)
+        _table("(a) optimizer step alone, 64 x 262,144 float32 (16.8M params), JAX: "
+               "jax.jit of stateless_apply, values donated (as Keras-JAX's fit), and "
+               "optax donated; ms a step, ratio to Keras-JAX's Adam", results["a"])
+        return
+    results["a"], results["a_state"] = part_a(args.rounds, instances=args.instances,
+                                              names=names)
+    _table("(a) optimizer step alone, 16.8M float32 params, XLA; ratio to Adam "
+           "(floor: ratio to the least step with skip; fast, slow: in the "
+           "rounds of each state of the machine)", results["a"],
+           keys=("ms", "ratio", "lo", "hi", "min", "max", "floor", "fast", "slow"))
+    state = results["a_state"]
+    print(f"the machine was in its fast state for {state['fast_share']:.0%} of "
+          f"the rounds (Adam's step: {state['adam_ms_fast']:.1f} ms there, "
+          f"{state['adam_ms_slow']:.1f} ms in the others)"
+          if state["fast_share"] else "the machine stayed in one state (fast, slow: -)")
+
+
+def _run_bc(args, results):
+    bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
+    results["bc"] = bc
+    _table("(b, c) fit step, 2x LSTM(256), 100x32 inputs, batch 64, XLA; ratio to Adam", bc)
+    _table("(b) the optimizer's step alone on the model's variables: ms, and what "
+           "it adds to Adam's as a fraction of Adam's fit step",
+           {n: bc[n] for n in FIT_CONFIGS}, keys=("opt_ms", "opt_added"))
+    if "c" not in args.parts:
+        return
+    for label in (MONITOR, LOGGER_100):
+        row = bc[label]
+        print(f"(c) {label}: {row['over_b']:+.3f} over GlobalNormClip alone "
+              f"(95%: {row['over_b_lo']:+.3f} to {row['over_b_hi']:+.3f})")
+    for label in (MONITOR, LOGGER_1, LOGGER_100):
+        row = bc[label]
+        print(f"(c) {label}: its on_train_batch_end takes {row['callback_ms']:.2f} ms "
+              f"a batch, {row['callback_share']:+.4f} of Adam's fit step")
+
+
+def _run_d(args, results):
+    results["d"] = part_d()
+    _table("(d) memory in the (a) loop, MB: optimizer state, a step's peak on top, process growth",
+           results["d"], keys=("state_mb", "state_ratio", "step_peak_mb", "rss_mb"))
+
+
+def _jit_key(jit_compile):
+    return f"jit_compile={jit_compile}"
+
+
+def _jit_of(table):
+    """Whether an (e, f) table ran with `jit_compile=True` (see `_jit_key`)."""
+    return table.endswith(_jit_key(True))
+
+
+def _jit_label(backend, jit_compile):
+    if backend == "jax":
+        return ("jit on (jit_compile=True, jax.jit)" if jit_compile
+                else "jit off (jit_compile=False: JAX eager, op by op)")
+    return "XLA on (jit_compile=True)" if jit_compile else "XLA off (jit_compile=False)"
+
+
+def _run_ef(args, results):
+    import fit_parts
+
+    labels = [*_configs(args.configs), ADAM_AGAIN]
+    for part in ("e", "f"):
+        if part in args.parts:
+            results[part] = {}
+    for model in args.models:
+        spec = fit_parts.FIT_MODELS[model]
+        for jit_compile in [j == "on" for j in args.jit_compile]:
+            table = f"{model}, {_jit_key(jit_compile)}"
+            steps, first = fit_parts.part_ef(
+                spec, jit_compile, labels, args.fit_instances,
+                args.fit_rounds if "e" in args.parts else 0, args.fit_steps,
+            )
+            where = f"{spec.describe}; {_jit_label(args.backend, jit_compile)}"
+            if "e" in args.parts:
+                results["e"][table] = steps
+                _table(f"(e) fit step, {where}; ms a step (batch begin to next batch "
+                       "begin), ratio to Adam's in the same round", steps)
+                _protocol_error(f"(e) {table}: a second Adam", steps[ADAM_AGAIN])
+            if "f" in args.parts:
+                results["f"][table] = first
+                _table(f"(f) first fit call (trace, compile, first step), {where}; "
+                       "seconds, ratio to Adam's first call (model by model)", first,
+                       keys=("s", "ratio", "lo", "hi", "min", "max"))
+
+
+def _run_g(args, results):
+    import fit_parts
+
+    g = results["g"] = fit_parts.part_g(args.callback_rounds, args.callback_steps)
+    _table(f"(g) callbacks on a fast step: {fit_parts.FAST_MODEL.describe}; ms a step "
+           "(batch begin to next batch begin, every callback included); added: fraction "
+           "of the step without callbacks, [95%]; the callback's own "
+           "on_train_batch_end: ms, and share of the step without callbacks",
+           g, keys=("ms", "added", "added_lo", "added_hi", "own_ms", "own_share"))
+    again = g[fit_parts.NO_CALLBACK_AGAIN]
+    _protocol_error("(g) a second run without callbacks", {
+        "ratio": 1 + again["added"], "lo": 1 + again["added_lo"], "hi": 1 + again["added_hi"],
+    })
+
+
+def _protocol_error(what, row, tolerance=0.02):
+    """Prints how far a configuration timed twice reads from itself."""
+    inside = "inside" if abs(row["ratio"] - 1) <= tolerance else "outside"
+    print(f"{what} reads {row['ratio']:.3f} [{row['lo']:.3f}, {row['hi']:.3f}] of the "
+          f"first: the protocol's own error, {inside} 1.00 +- {tolerance:.2f}")
+
+
+def _print_verdicts(results):
+    verdicts = _verdicts(results)
+    if not verdicts:
+        return
+    print("\ntargets (median against the bound; 95% interval of the median)")
+    for part, table, name, key, bound, value, lo, hi, verdict in verdicts:
+        where = part if table is None else f"{part}: {table}"
+        label = f"({where}) {name}" + ("" if key == "ratio" else " [added]")
+        added = results[part][name].get("opt_added") if part == "bc" and key == "ratio" else None
+        share = "" if added is None else f"  (its optimizer step adds {added:+.4f})"
+        print(f"{label:72s} {value:7.3f} <= {bound:.2f}?  "
+              f"[{lo:.3f}, {hi:.3f}]  {verdict}{share}{_notes(results, part, name)}")
+    results["targets"] = [
+        dict(zip(("part", "table", "name", "key", "bound", "value", "lo", "hi", "verdict"), v))
+        for v in verdicts
+    ]
+
+
+def main(argv=None):
+    args = _arguments(argv)
+    if args.memory_child:
+        _memory_child(args.memory_child)
+        return 0
+    # Keras reads its backend once, at its import.
+    os.environ["KERAS_BACKEND"] = args.backend
+    results = {"machine": _machine(args.backend)}
     print("machine:", results["machine"])
     if "a" in args.parts:
-        results["a"], results["a_state"] = part_a(args.rounds, instances=args.instances)
-        _table("(a) optimizer step alone, 16.8M float32 params, XLA; ratio to Adam "
-               "(floor: ratio to the least step with skip; fast, slow: in the "
-               "rounds of each state of the machine)", results["a"],
-               keys=("ms", "ratio", "lo", "hi", "min", "max", "floor", "fast", "slow"))
-        state = results["a_state"]
-        print(f"the machine was in its fast state for {state['fast_share']:.0%} of "
-              f"the rounds (Adam's step: {state['adam_ms_fast']:.1f} ms there, "
-              f"{state['adam_ms_slow']:.1f} ms in the others)"
-              if state["fast_share"] else "the machine stayed in one state (fast, slow: -)")
+        _run_a(args, results)
     if "b" in args.parts or "c" in args.parts:
-        bc = part_bc(args.repeats, with_callbacks="c" in args.parts)
-        results["bc"] = bc
-        _table("(b, c) fit step, 2x LSTM(256), 100x32 inputs, batch 64, XLA; ratio to Adam", bc)
-        _table("(b) the optimizer's step alone on the model's variables: ms, and what "
-               "it adds to Adam's as a fraction of Adam's fit step",
-               {n: bc[n] for n in FIT_CONFIGS}, keys=("opt_ms", "opt_added"))
-        if "c" in args.parts:
-            for label in (MONITOR, LOGGER_100):
-                row = bc[label]
-                print(f"(c) {label}: {row['over_b']:+.3f} over GlobalNormClip alone "
-                      f"(95%: {row['over_b_lo']:+.3f} to {row['over_b_hi']:+.3f})")
-            for label in (MONITOR, LOGGER_1, LOGGER_100):
-                row = bc[label]
-                print(f"(c) {label}: its on_train_batch_end takes {row['callback_ms']:.2f} ms "
-                      f"a batch, {row['callback_share']:+.4f} of Adam's fit step")
+        _run_bc(args, results)
     if "d" in args.parts:
-        results["d"] = part_d()
-        _table("(d) memory in the (a) loop, MB: optimizer state, a step's peak on top, process growth",
-               results["d"], keys=("state_mb", "state_ratio", "step_peak_mb", "rss_mb"))
-    verdicts = _verdicts(results)
-    if verdicts:
-        print("\ntargets (median against the bound; 95% interval of the median)")
-        for part, name, key, bound, value, lo, hi, verdict in verdicts:
-            label = f"({part}) {name}" + (" [added]" if key == "over_b" else "")
-            added = results[part][name].get("opt_added") if key == "ratio" else None
-            share = "" if added is None else f"  (its optimizer step adds {added:+.4f})"
-            print(f"{label:72s} {value:7.3f} <= {bound:.2f}?  "
-                  f"[{lo:.3f}, {hi:.3f}]  {verdict}{share}{_by_state(results, part, name)}")
-        results["targets"] = [
-            dict(zip(("part", "name", "key", "bound", "value", "lo", "hi", "verdict"), v))
-            for v in verdicts
-        ]
+        _run_d(args, results)
+    if "e" in args.parts or "f" in args.parts:
+        _run_ef(args, results)
+    if "g" in args.parts:
+        _run_g(args, results)
+    _print_verdicts(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.backend == "tensorflow":
+        print("\nthe JAX parts run in a process of their own (Keras's backend is fixed "
+              "at its import): python benchmarks/run.py --backend jax --parts a e f")
     return 0
 
 
