@@ -12,6 +12,9 @@ clipping clips the dense gradient's elements, and a clipped gradient comes
 back sparse, with unique indices.
 """
 
+import math
+
+import keras
 from keras import ops
 
 from keras_clip import backend
@@ -103,7 +106,49 @@ def tensor_sums(grads, fns=()):
     fns = (_square, *fns)
     if not grads:
         return ops.zeros((0, len(fns)), "float32")
-    return ops.stack([ops.stack(_sums(g, fns)) for g in grads])
+    blocks, order = [], []
+    for group in _size_groups(grads):
+        if _small(grads[group[0]]):
+            # Small tensors of one size and dtype as the rows of one matrix:
+            # one reduction for all (a kernel's fixed cost, not the memory,
+            # sets a small tensor's time).
+            block = ops.stack([ops.reshape(grads[i], (-1,)) for i in group])
+            blocks.append(ops.stack(
+                [ops.sum(ops.cast(fn(block), "float32"), axis=1) for fn in fns], axis=1
+            ))
+        else:
+            blocks.append(ops.stack(_sums(grads[group[0]], fns))[None])
+        order += group
+    sums = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks)
+    if order == list(range(len(grads))):
+        return sums
+    return ops.take(sums, [order.index(i) for i in range(len(grads))], axis=0)
+
+
+def _small(x):
+    """Whether `x` has a static size under `_MATVEC_MIN_SIZE`."""
+    size = 1
+    for dim in x.shape:
+        if not isinstance(dim, int):
+            return False
+        size *= dim
+    return size < _MATVEC_MIN_SIZE
+
+
+def _size_groups(grads):
+    """Indices of `grads` in groups: the small tensors (`_small`) of one size
+    and dtype together, in order of first appearance; every other alone."""
+    groups, by_key = [], {}
+    for i, g in enumerate(grads):
+        if not _small(g):
+            groups.append([i])
+            continue
+        key = (math.prod(g.shape), keras.backend.standardize_dtype(g.dtype))
+        if key not in by_key:
+            by_key[key] = []
+            groups.append(by_key[key])
+        by_key[key].append(i)
+    return groups
 
 
 def _sums(x, fns):

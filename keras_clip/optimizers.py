@@ -146,12 +146,24 @@ class ClippingMixin(backend.OptimizerHooks):
             `clip_scale`; since the start, `steps`, `clipped_steps`,
             `nonfinite_steps` and `clip_rate` (`clipped_steps / steps`); and
             since the last window reset, `window_steps` (finite steps),
-            `window_norm_sum` and `window_norm_max`.
+            `window_norm_sum` and `window_norm_max`; and `iterations`, the
+            optimizer's.
         """
         self._check_built()
-        out = stats.read(self._stats)
-        if reset_window:
-            stats.reset_window(self._stats)
+        # One host read of every field (compiled once per optimizer; kept
+        # past Keras's attribute tracking): a read or an assignment of its
+        # own costs tens of microseconds each on TensorFlow.
+        readers = self.__dict__.setdefault("_stats_readers", {})
+        if reset_window not in readers:
+            window = [self._stats[name] for name in stats.WINDOW]
+            readers[reset_window] = backend.reader(
+                lambda: [*(self._stats[name].value for name in stats.FIELDS),
+                         self.iterations],
+                then_zero=window if reset_window else (),
+            )
+        *values, iterations = readers[reset_window]()
+        out = stats.summary(dict(zip(stats.FIELDS, values)))
+        out["iterations"] = int(iterations)
         return out
 
     def gradient_norms_by_variable(self):
@@ -239,14 +251,15 @@ class ClippingMixin(backend.OptimizerHooks):
         norm = ops.sqrt(ops.sum(squares))
         finite = ops.isfinite(norm)  # the non-finite check
         self._record_histograms(values, variables)  # the raw gradients
-        if self.nonfinite != "propagate":
-            # "zero" applies a zero gradient, "skip" masks the assignments;
-            # both keep NaN out of every product (NaN times 0 is NaN). A
-            # scalar zero: `zeros_like(g)` becomes a constant as large as g.
+        keep = finite if self.nonfinite == "skip" else None
+        if self.nonfinite == "zero" or (keep is not None and updates.masks):
+            # "zero" applies a zero gradient; a skip by masks multiplies the
+            # updates by the mask: NaN stays out of every product (NaN times
+            # 0 is NaN). A scalar zero: `zeros_like(g)` is as large as g.
             values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
+        if self.nonfinite != "propagate":
             sums = ops.where(finite, sums, ops.zeros_like(sums))
         clip = _Clip(self.clipper, state, sums, self.iterations)
-        keep = finite if self.nonfinite == "skip" else None
         # Clip, weight decay, update, EMA.
         updates.apply(self, rewrap(values), variables, clip, keep)
         updates.assign(self._new_state(clip, state, finite)
@@ -392,7 +405,7 @@ class _Clip:
     def __call__(self, grads, params, rows=None):
         if self.clipper is None:
             return grads
-        sums = self.sums if rows is None else ops.stack([self.sums[i] for i in rows])
+        sums = self.sums if rows is None else ops.take(self.sums, rows, axis=0)
         parts = [backend.dense_values(g) for g in grads]
         clipped, self.new_state, info = self.clipper.update(
             [values for values, _ in parts], self.state, params,

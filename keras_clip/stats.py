@@ -1,6 +1,6 @@
 """In-step gradient statistics, kept in optimizer variables.
 
-The optimizer records them inside the compiled step; `read` turns them into
+The optimizer records them inside the compiled step; `summary` turns them into
 Python numbers for `opt.gradient_stats()` and the callbacks. Nothing here
 recomputes gradients.
 """
@@ -68,21 +68,16 @@ def updates(variables, *, norm, clipped_norm, threshold, clipped, finite,
     }
 
 
-def reset_window(variables):
-    """Starts a new window (host call, outside steps)."""
-    for name in WINDOW:
-        variables[name].assign(ops.zeros((), FIELDS[name]))
-
-
-def read(variables):
-    """The statistics as a dict of Python numbers (host read, outside steps).
+def summary(values):
+    """The statistics as a dict of Python numbers, from the raw values of the
+    `FIELDS` variables (read from the host, outside steps).
 
     The per-variable norms are left out (see `read_variable_norms`).
     """
-    out = {}
-    for name, dtype in FIELDS.items():
-        value = ops.convert_to_numpy(variables[name].value)
-        out[name] = int(value) if dtype.startswith("int") else float(value)
+    out = {
+        name: int(values[name]) if dtype.startswith("int") else float(values[name])
+        for name, dtype in FIELDS.items()
+    }
     steps = out["steps"]
     out["clip_rate"] = out["clipped_steps"] / steps if steps else 0.0
     out["clip_scale"] = (

@@ -393,6 +393,29 @@ def test_threshold_setter_checks_too():
     assert clip.max_norm == 1.0
 
 
+@pytest.mark.parametrize("run_as", ["eager", "compiled"])
+def test_tensor_sums_of_many_sizes_match_numpy(run_as):
+    # Small tensors of one size and dtype are summed as the rows of one
+    # matrix, in groups; the rows must come back in the tensors' order. Four
+    # tensors of 12 elements among others, one large (its own product), one
+    # empty, a float16 one of 12 elements (a group of its own).
+    shapes = [(3, 4), (5,), (12,), (70_001,), (4, 3), (0,), (5,), (2, 2, 3), (1,), ()]
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(s).astype("float32") for s in shapes]
+    grads.insert(3, rng.standard_normal((12,)).astype("float16"))
+    positive = lambda g: keras.ops.cast(g > 0, g.dtype)  # noqa: E731
+    sums = kc_ops.tensor_sums if run_as == "eager" else steps.compiled(
+        lambda gs: kc_ops.tensor_sums(gs, [positive])
+    )
+    out = np.asarray(sums(grads, [positive]) if run_as == "eager" else sums(grads))
+    for i, g in enumerate(grads):
+        g64 = g.astype("float64")
+        # float32 sums of n non-negative terms: relative error <= n * 2^-24.
+        bound = max(g.size, 1) * np.finfo(np.float32).eps / 2
+        np.testing.assert_allclose(out[i, 0], np.sum(g64 * g64), rtol=bound, atol=0)
+        assert out[i, 1] == np.sum(g > 0)
+
+
 @pytest.mark.parametrize("shape", [(512, 256), (3, 3, 64, 128), (70_001,)])
 def test_large_tensor_norms_match_numpy(shape):
     # Large tensors take the matrix-vector path of `_sq_norm`; odd sizes not.

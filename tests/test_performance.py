@@ -61,35 +61,55 @@ def test_chain_dependency_survives_xla():
     assert uses.get(2, 0) == 0, hlo  # w2
 
 
-@HLO
-@pytest.mark.parametrize("clipper", [None, "value", "agc"])
-def test_optimizer_updates_variables_in_order_two_at_a_time(clipper):
+def _update_waits(clipper, size):
+    """Which update fusions of a three-variable SGD step wait for another's
+    output: `(waiting, waited-for)` pairs of XLA's optimized HLO."""
     import tensorflow as tf
 
-    # Three variables, plain SGD: one update fusion each. Chained in two
-    # lanes, the third update reads the first one's output (in reverse
-    # order: the norm pass read the last gradients last, so their updates go
-    # first), and the second reads none: one update is waited for. (AGC
-    # scales the third gradient in a fusion of its own, which waits too.)
     opt = kc.ClippedSGD(0.1, clipper=clipper)
-    variables = [keras.Variable(np.full(1024, i + 1.0, "float32")) for i in range(3)]
-    grads = [tf.constant(np.full(1024, 0.5, "float32")) for _ in range(3)]
+    variables = [keras.Variable(np.full(size, i + 1.0, "float32")) for i in range(3)]
+    grads = [tf.constant(np.full(size, 0.5, "float32")) for _ in range(3)]
     opt.build(variables)
     fn = tf.function(lambda gs: opt.apply(gs, variables), jit_compile=True)
     hlo = fn.experimental_get_compiler_ir(grads)(stage="optimized_hlo")
     updates = {}
     for line in _entry_lines(hlo):
         name, _, rest = line.partition(" = ")
-        if rest.startswith("f32[1024]{0} fusion("):
+        if rest.startswith(f"f32[{size}]{{0}} fusion("):
             updates[name] = rest.split("), kind=")[0]
     assert len(updates) >= 3, hlo
-    waits = [
+    return [
         (name, other)
         for name, rest in updates.items()
         for other in updates
         if other != name and (other + ")" in rest or other + "," in rest)
-    ]
+    ], hlo
+
+
+@HLO
+@pytest.mark.parametrize("clipper", [None, "value", "agc"])
+def test_optimizer_updates_large_variables_in_order_two_at_a_time(clipper):
+    # Three large variables, plain SGD: one update fusion each. Chained in
+    # two lanes, the third update reads the first one's output (in reverse
+    # order: the norm pass read the last gradients last, so their updates go
+    # first), and the second reads none: one update is waited for. (AGC
+    # scales the third gradient in a fusion of its own, which waits too.)
+    from keras_clip.backend.tensorflow import UpdateChain
+
+    waits, hlo = _update_waits(clipper, UpdateChain.MIN_SIZE)
     assert len({other for _, other in waits}) == 1, hlo
+
+
+@HLO
+@pytest.mark.parametrize("clipper", [None, "value", "agc"])
+def test_small_variables_are_not_ordered(clipper):
+    # Under `UpdateChain.MIN_SIZE` elements no update waits for another: on
+    # many small variables the waits serialized kernels whose fixed cost sets
+    # their time (benchmarks/README.md, part e).
+    from keras_clip.backend.tensorflow import UpdateChain
+
+    waits, hlo = _update_waits(clipper, UpdateChain.MIN_SIZE - 1)
+    assert waits == [], hlo
 
 
 def _critical_path(hlo):
@@ -258,3 +278,51 @@ def test_value_clip_takes_its_statistics_in_the_norms_pass():
         return sum(" dot(" in line for line in hlo.splitlines())
 
     assert dots(kc.ValueClip(1.0)) == dots(kc.GlobalNormClip(1.0)) == 2
+
+
+@pytest.mark.tensorflow(
+    reason="on TensorFlow each eager read or assignment is a call of its own; "
+    "elsewhere a read is a plain host copy"
+)
+def test_statistics_are_read_and_the_window_reset_in_one_compiled_call(monkeypatch):
+    # `GradientMonitor` reads every statistic and resets the window after
+    # each batch: one traced function (reads, then assignments), traced once.
+    # Were it retraced, or were a field read or reset eagerly, the patched
+    # methods below would run.
+    opt = kc.ClippedSGD(0.1, global_clipnorm=1.0)
+    w = keras.Variable(np.ones(3, "float32"))
+    opt.build([w])
+    opt.apply([np.full(3, 2.0, "float32")], [w])
+    first = opt.gradient_stats(reset_window=True)
+    assert first["window_steps"] == 1 and first["iterations"] == 1
+
+    def eager(*args, **kwargs):
+        raise AssertionError("an eager read or assignment")
+
+    monkeypatch.setattr(keras.Variable, "assign", eager)
+    monkeypatch.setattr(keras.ops, "convert_to_numpy", eager)
+    monkeypatch.setattr(keras.Variable, "numpy", eager)
+    for _ in range(3):
+        again = opt.gradient_stats(reset_window=True)
+    assert again["window_steps"] == 0 and again["steps"] == 1
+    np.testing.assert_allclose(again["grad_norm"], np.sqrt(12.0), rtol=1e-6)
+
+
+@pytest.mark.tensorflow(reason="only TensorFlow traces a step both with XLA and without")
+def test_a_skipped_step_is_masked_under_xla_and_one_branch_without():
+    # Under XLA the masks fuse into the updates, in order; without it each
+    # mask would be a kernel of its own, so the updates run in one branch.
+    import tensorflow as tf
+
+    opt = kc.ClippedSGD(0.1)
+    opt.build([keras.Variable(np.ones(3, "float32"))])
+    seen = []
+
+    def step():
+        seen.append(type(backend.updates_for(opt)).__name__)
+        return 0
+
+    tf.function(step, jit_compile=True)()
+    tf.function(step)()
+    step()
+    assert seen == ["InOrder", "Branch", "Branch"]

@@ -207,6 +207,16 @@ def has_strategy():
     return tf is not None and tf.has_strategy()
 
 
+def fuses_updates():
+    """Whether a compiler fuses the step's elementwise work into the
+    updates: XLA (always on JAX; on TensorFlow where the step is traced
+    with `jit_compile`), not torch's eager kernels."""
+    if keras.backend.backend() == "jax":
+        return True
+    tf = _tf()
+    return tf is not None and tf.in_xla()
+
+
 class UpdateChain:
     """Orders the updates for the cache (see `tensorflow.UpdateChain`); a
     no-op off TensorFlow."""
@@ -217,11 +227,31 @@ class UpdateChain:
             return tf.UpdateChain(lanes)
         return super().__new__(cls)
 
+    def orders(self, variable):
+        return False
+
     def after_previous(self, value):
         return value
 
     def link(self, variable, *scalars):
         pass
+
+
+def reader(values, then_zero=()):
+    """A function that computes the scalars `values()` returns (reads of
+    variables) as one float64 NumPy vector, in one host read, and then sets
+    the variables `then_zero` to zero (outside steps)."""
+    tf = _tf()
+    if tf is not None:
+        return tf.reader(values, then_zero)
+
+    def read():
+        out = np.array([float(ops.convert_to_numpy(x)) for x in values()])
+        for variable in then_zero:
+            variable.assign(ops.zeros(variable.shape, variable.dtype))
+        return out
+
+    return read
 
 
 def opaque_false(x):

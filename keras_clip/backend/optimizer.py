@@ -191,18 +191,25 @@ def moving_average(optimizer, keep=None):
 # step's clip (`clip(grads, params)`, see `optimizers._Clip`) and `keep`
 # (skip the step's assignments where false, or None), and runs: clip ->
 # weight decay -> update -> EMA. `assign(pairs)` then writes the step's
-# statistics and clipper state in the context the strategy needs.
+# statistics and clipper state in the context the strategy needs. `masks`:
+# whether a skipped step runs as masks on the assignments (the gradients
+# must then be finite).
 
 
 def updates_for(optimizer):
     """The execution for the current context: several replicas in sync ->
-    `CrossReplica`; a `tf.distribute` strategy with one, or an optimizer
-    with an update loop of its own (Nadam's) -> `KerasOrder`; else
-    `InOrder`."""
+    `CrossReplica`; a `tf.distribute` strategy with one -> `KerasOrder`; a
+    step no compiler fuses (TensorFlow without XLA, torch) -> `Branch`; an
+    optimizer with an update loop of its own (Nadam's) -> `KerasOrder`;
+    else (XLA, JAX) `InOrder`."""
     replica = backend.replica_context()
     if replica is not None:
         return CrossReplica(replica)
-    if backend.has_strategy() or _own_update_loop(optimizer):
+    if backend.has_strategy():
+        return KerasOrder()
+    if not backend.fuses_updates():
+        return Branch()
+    if _own_update_loop(optimizer):
         return KerasOrder()
     return InOrder()
 
@@ -222,27 +229,41 @@ class _Weight(collections.namedtuple("_Weight", ["value", "path"])):
 
 class InOrder:
     """One device: each variable decayed and updated (`update_step`, as
-    Keras's own loop does) right after the ones before it, in reverse order,
-    two at a time (`backend.UpdateChain`).
+    Keras's own loop does), in reverse order; the large ones right after
+    each other, two at a time (`backend.UpdateChain`).
 
     In reverse: the gradients the sums read last are still in cache when
-    their update runs. A separable rule clips each tensor right before its
-    own update, too.
+    their update runs. A separable rule clips each large tensor right before
+    its own update, too, and the small ones together, first: on a small
+    tensor each kernel's fixed cost, not the memory, sets the time, and an
+    ordered update would wait on its neighbours for nothing.
     """
+
+    masks = True
 
     def all_reduce(self, grads):
         return grads
 
     def apply(self, optimizer, grads, variables, clip, keep):
         chain = backend.UpdateChain()
+        ordered = [chain.orders(v) for v in variables]
         with skip_masked(optimizer, keep):
             learning_rate = optimizer.learning_rate
-            if not clip.separable:
-                grads = clip(grads, variables)
+            together = [i for i in range(len(variables))
+                        if not (clip.separable and ordered[i])]
+            if together:
+                grads = list(grads)
+                rows = None if len(together) == len(variables) else together
+                clipped = clip([grads[i] for i in together],
+                               [variables[i] for i in together], rows=rows)
+                for i, gradient in zip(together, clipped):
+                    grads[i] = gradient
             for i in reversed(range(len(variables))):
                 variable = variables[i]
-                gradient = chain.after_previous(grads[i])
-                if clip.separable:
+                gradient = grads[i]
+                if ordered[i]:
+                    gradient = chain.after_previous(gradient)
+                if clip.separable and ordered[i]:
                     # The weight read in order too (AGC's norms), as a variable.
                     weight = _Weight(
                         chain.after_previous(backend.read(variable)), variable.path
@@ -251,8 +272,40 @@ class InOrder:
                 # Decay here, not for all variables first: the weight is in cache.
                 decay(optimizer, [variable])
                 optimizer.update_step(gradient, variable, learning_rate)
-                chain.link(variable, *clip.scalars(i))
+                if ordered[i]:
+                    chain.link(variable, *clip.scalars(i))
         moving_average(optimizer, keep)
+
+    def assign(self, pairs):
+        for variable, value in pairs:
+            variable.assign(value)
+
+
+class Branch:
+    """No compiler fuses the step (TensorFlow's graph without XLA, torch):
+    Keras's own update loop, and a skipped step is one `run_if` around it.
+    Masks there would be kernels of their own: four a variable for Adam,
+    each as slow as a kernel of the update on a small variable."""
+
+    masks = False
+
+    def all_reduce(self, grads):
+        return grads
+
+    def apply(self, optimizer, grads, variables, clip, keep):
+        clipped = clip(grads, variables)
+
+        def update():
+            decay(optimizer, variables)
+            optimizer._backend_update_step(clipped, variables, optimizer.learning_rate)
+            moving_average(optimizer)
+            return []
+
+        if keep is None:
+            update()
+            return
+        # (The EMA's averages are among the optimizer's variables.)
+        backend.run_if(keep, update, lambda: [], [*optimizer.variables, *variables])
 
     def assign(self, pairs):
         for variable, value in pairs:
@@ -262,6 +315,8 @@ class InOrder:
 class KerasOrder:
     """A `tf.distribute` strategy with one replica: Keras's own update path
     (its weight decay cannot run inside its per-variable update there)."""
+
+    masks = True
 
     def all_reduce(self, grads):
         return grads
@@ -282,6 +337,8 @@ class CrossReplica:
     """Several replicas in sync: every replica clips the same summed
     gradients, and the assignments happen once, in cross-replica context
     (a `merge_call`); a skipped step is a `cond` there."""
+
+    masks = False
 
     def __init__(self, replica):
         self.replica = replica

@@ -3,6 +3,8 @@
 Only called when Keras runs on TensorFlow (see `keras_clip/backend/__init__.py`).
 """
 
+import math
+
 import keras
 import tensorflow as tf
 
@@ -22,6 +24,20 @@ def bincount(index, length):
         size=tf.constant(length, index.dtype),
         weights=tf.zeros((0,), "int32"),
     )
+
+
+def reader(values, then_zero):
+    """`backend.reader` as one compiled call: on TensorFlow each eager read
+    or assignment costs tens of microseconds."""
+
+    @tf.function(autograph=False)
+    def read():
+        out = tf.stack([tf.cast(x, tf.float64) for x in values()])
+        for variable in then_zero:  # (after the reads: program order)
+            variable.assign(tf.zeros(variable.shape, variable.dtype))
+        return out
+
+    return lambda: read().numpy()
 
 
 # Sparse gradients (`Embedding`).
@@ -46,6 +62,12 @@ def sparse(values, indices, like):
 
 def gather(variable, indices):
     return tf.gather(variable, indices)
+
+
+def in_xla():
+    """Whether the current trace is compiled by XLA (`jit_compile=True`, or
+    inside a function that is)."""
+    return tf.__internal__.get_enclosing_xla_context() is not None
 
 
 # tf.distribute: clipping after the all-reduce (DESIGN.md, step contract 1).
@@ -117,6 +139,17 @@ class UpdateChain:
     def __init__(self, lanes=2):
         self._lanes = [None] * lanes
         self._count = 0
+
+    # A variable under this many elements is not ordered: its update (the
+    # gradient, the weight and two slots: under 1 MB in float32) stays in
+    # cache anyway, and the wait would serialize kernels whose fixed cost,
+    # not the memory, sets their time.
+    MIN_SIZE = 1 << 16
+
+    def orders(self, variable):
+        """Whether `variable`'s update is ordered (see `MIN_SIZE`)."""
+        shape = tuple(variable.shape)
+        return None not in shape and math.prod(shape) >= self.MIN_SIZE
 
     def after_previous(self, value):
         """`value`, made to wait for the variable `lanes` places before it."""
