@@ -21,8 +21,9 @@ from keras_clip import backend
 
 
 # Whole-tensor sums of at least this many elements are taken as a
-# matrix-vector product: XLA's CPU reductions run on one thread, its dots do
-# not (faster on large tensors, and more accurate; benchmarks/README.md).
+# matrix-vector product on TensorFlow: XLA's CPU reductions run on one thread
+# there, its dots do not (faster on large tensors, and more accurate;
+# benchmarks/README.md). Smaller tensors are summed in groups (`tensor_sums`).
 _MATVEC_MIN_SIZE = 1 << 16
 # The product's rows: 256 elements for one sum; several sums stacked per row
 # run faster on rows of 1024 (one sum takes the same time either way).
@@ -31,7 +32,10 @@ _MATVEC_WIDTH_STACKED = 1024
 
 
 def _matvec_rows(x, width):
-    """`x` as rows of `width` elements, or `None` off the matrix-vector path."""
+    """`x` as rows of `width` elements, or `None` off the matrix-vector path
+    (see `backend.sums_by_matvec`)."""
+    if not backend.sums_by_matvec():
+        return None
     size = 1
     for dim in x.shape:
         size = size * dim if isinstance(dim, int) and isinstance(size, int) else None

@@ -251,15 +251,14 @@ class ClippingMixin(backend.OptimizerHooks):
         norm = ops.sqrt(ops.sum(squares))
         finite = ops.isfinite(norm)  # the non-finite check
         self._record_histograms(values, variables)  # the raw gradients
-        keep = finite if self.nonfinite == "skip" else None
-        if self.nonfinite == "zero" or (keep is not None and updates.masks):
-            # "zero" applies a zero gradient; a skip by masks multiplies the
-            # updates by the mask: NaN stays out of every product (NaN times
-            # 0 is NaN). A scalar zero: `zeros_like(g)` is as large as g.
-            values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
         if self.nonfinite != "propagate":
+            # "zero" applies a zero gradient, "skip" masks the assignments;
+            # both keep NaN out of every product (NaN times 0 is NaN). A
+            # scalar zero: `zeros_like(g)` becomes a constant as large as g.
+            values = [ops.where(finite, g, ops.zeros((), g.dtype)) for g in values]
             sums = ops.where(finite, sums, ops.zeros_like(sums))
         clip = _Clip(self.clipper, state, sums, self.iterations)
+        keep = finite if self.nonfinite == "skip" else None
         # Clip, weight decay, update, EMA.
         updates.apply(self, rewrap(values), variables, clip, keep)
         updates.assign(self._new_state(clip, state, finite)

@@ -703,6 +703,24 @@ def test_fit_steps_per_execution_writes_the_logged_step(tmp_path):
     assert [s for s, _ in series(acc, "gradient_stats/grad_norm")] == [3, 7, 11]
 
 
+def test_the_logger_reads_only_when_a_count_can_be_new(tmp_path, monkeypatch):
+    # A read after every batch cost 6-8% of a 5 ms step: the logger reads
+    # after the fewest batches in which the next counted update can run.
+    reads = []
+    read = stats.GradientHistograms.read
+    monkeypatch.setattr(
+        stats.GradientHistograms, "read", lambda self: reads.append(1) or read(self)
+    )
+    model = functional_model()
+    model.compile(optimizer=kc.ClippedSGD(0.01), loss="mse")
+    x, y = data(n=250)
+    model.fit(x, y, batch_size=1, epochs=1, verbose=0,
+              callbacks=[GradientHistogramLogger(tmp_path, freq=100)])
+    # Reads: at the start, after updates 0, 100 and 200, and at the end.
+    assert len(reads) == 5
+    assert [s for s, _ in series(read_run(tmp_path), "gradients/hidden")] == [0, 100, 200]
+
+
 def test_fit_loss_scale_optimizer_and_sparse_gradients(tmp_path):
     inputs = keras.Input((4,), dtype="int32")
     x = keras.layers.Embedding(50, 3, name="embed")(inputs)

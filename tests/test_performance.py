@@ -307,22 +307,3 @@ def test_statistics_are_read_and_the_window_reset_in_one_compiled_call(monkeypat
     assert again["window_steps"] == 0 and again["steps"] == 1
     np.testing.assert_allclose(again["grad_norm"], np.sqrt(12.0), rtol=1e-6)
 
-
-@pytest.mark.tensorflow(reason="only TensorFlow traces a step both with XLA and without")
-def test_a_skipped_step_is_masked_under_xla_and_one_branch_without():
-    # Under XLA the masks fuse into the updates, in order; without it each
-    # mask would be a kernel of its own, so the updates run in one branch.
-    import tensorflow as tf
-
-    opt = kc.ClippedSGD(0.1)
-    opt.build([keras.Variable(np.ones(3, "float32"))])
-    seen = []
-
-    def step():
-        seen.append(type(backend.updates_for(opt)).__name__)
-        return 0
-
-    tf.function(step, jit_compile=True)()
-    tf.function(step)()
-    step()
-    assert seen == ["InOrder", "Branch", "Branch"]

@@ -191,25 +191,18 @@ def moving_average(optimizer, keep=None):
 # step's clip (`clip(grads, params)`, see `optimizers._Clip`) and `keep`
 # (skip the step's assignments where false, or None), and runs: clip ->
 # weight decay -> update -> EMA. `assign(pairs)` then writes the step's
-# statistics and clipper state in the context the strategy needs. `masks`:
-# whether a skipped step runs as masks on the assignments (the gradients
-# must then be finite).
+# statistics and clipper state in the context the strategy needs.
 
 
 def updates_for(optimizer):
     """The execution for the current context: several replicas in sync ->
-    `CrossReplica`; a `tf.distribute` strategy with one -> `KerasOrder`; a
-    step no compiler fuses (TensorFlow without XLA, torch) -> `Branch`; an
-    optimizer with an update loop of its own (Nadam's) -> `KerasOrder`;
-    else (XLA, JAX) `InOrder`."""
+    `CrossReplica`; a `tf.distribute` strategy with one, or an optimizer
+    with an update loop of its own (Nadam's) -> `KerasOrder`; else
+    `InOrder`."""
     replica = backend.replica_context()
     if replica is not None:
         return CrossReplica(replica)
-    if backend.has_strategy():
-        return KerasOrder()
-    if not backend.fuses_updates():
-        return Branch()
-    if _own_update_loop(optimizer):
+    if backend.has_strategy() or _own_update_loop(optimizer):
         return KerasOrder()
     return InOrder()
 
@@ -238,8 +231,6 @@ class InOrder:
     tensor each kernel's fixed cost, not the memory, sets the time, and an
     ordered update would wait on its neighbours for nothing.
     """
-
-    masks = True
 
     def all_reduce(self, grads):
         return grads
@@ -281,42 +272,9 @@ class InOrder:
             variable.assign(value)
 
 
-class Branch:
-    """No compiler fuses the step (TensorFlow's graph without XLA, torch):
-    Keras's own update loop, and a skipped step is one `run_if` around it.
-    Masks there would be kernels of their own: four a variable for Adam,
-    each as slow as a kernel of the update on a small variable."""
-
-    masks = False
-
-    def all_reduce(self, grads):
-        return grads
-
-    def apply(self, optimizer, grads, variables, clip, keep):
-        clipped = clip(grads, variables)
-
-        def update():
-            decay(optimizer, variables)
-            optimizer._backend_update_step(clipped, variables, optimizer.learning_rate)
-            moving_average(optimizer)
-            return []
-
-        if keep is None:
-            update()
-            return
-        # (The EMA's averages are among the optimizer's variables.)
-        backend.run_if(keep, update, lambda: [], [*optimizer.variables, *variables])
-
-    def assign(self, pairs):
-        for variable, value in pairs:
-            variable.assign(value)
-
-
 class KerasOrder:
     """A `tf.distribute` strategy with one replica: Keras's own update path
     (its weight decay cannot run inside its per-variable update there)."""
-
-    masks = True
 
     def all_reduce(self, grads):
         return grads
@@ -337,8 +295,6 @@ class CrossReplica:
     """Several replicas in sync: every replica clips the same summed
     gradients, and the assignments happen once, in cross-replica context
     (a `merge_call`); a skipped step is a `cond` there."""
-
-    masks = False
 
     def __init__(self, replica):
         self.replica = replica

@@ -64,12 +64,6 @@ def gather(variable, indices):
     return tf.gather(variable, indices)
 
 
-def in_xla():
-    """Whether the current trace is compiled by XLA (`jit_compile=True`, or
-    inside a function that is)."""
-    return tf.__internal__.get_enclosing_xla_context() is not None
-
-
 # tf.distribute: clipping after the all-reduce (DESIGN.md, step contract 1).
 
 

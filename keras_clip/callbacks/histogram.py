@@ -203,6 +203,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         self._request_key = None
         self._names = []
         self._written_step = -1
+        self._batches_to_read = 0
 
     # Bucket layout.
 
@@ -238,6 +239,7 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         self._previous = self._read_steps(opt)
         # Counts taken while this callback was not listening are not written.
         self._written_step = request.read()[0]
+        self._schedule_read()
 
     def _open_writer(self):
         """Creates the event file now: an unwritable `log_dir` fails before
@@ -283,7 +285,9 @@ class GradientHistogramLogger(keras.callbacks.Callback):
         return self._histograms
 
     def on_train_batch_end(self, batch, logs=None):
-        self._write_if_new()
+        self._batches_to_read -= 1
+        if self._batches_to_read <= 0:
+            self._write_if_new()
 
     def on_epoch_end(self, epoch, logs=None):
         if self._writer_ is not None:
@@ -334,10 +338,20 @@ class GradientHistogramLogger(keras.callbacks.Callback):
             return
         self.model  # noqa: B018 (on JAX, Keras's `model` property brings the step's state back)
         step, counts = self._histograms.read()
+        self._schedule_read()
         if step < 0 or step == self._written_step:
             return
         self._written_step = step
         self._write(step, counts.astype("int64"))
+
+    def _schedule_read(self):
+        """Reads again after the fewest batches in which the next counted
+        update can run: a read after every batch cost as much as 6-8% of a
+        5 ms step."""
+        done = int(ops.convert_to_numpy(self._optimizer.iterations))
+        due = -(-done // self.freq) * self.freq  # the next counted update
+        per_batch = max(int(getattr(self.model, "steps_per_execution", 1) or 1), 1)
+        self._batches_to_read = -(-(due - done + 1) // per_batch)
 
     def _write(self, step, counts):
         writer = self._writer
