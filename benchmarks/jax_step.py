@@ -13,7 +13,7 @@ Keras-JAX's Adam. Run through `run.py --backend jax`, not on its own.
 """
 
 import numpy as np
-from run import ADAM_AGAIN, _optimizer, _summary, _timed_rounds
+from run import ADAM_AGAIN, FLOOR, _optimizer, _summary, _timed_rounds
 
 SIZE, COUNT = 262_144, 64
 # row -> the configuration's name in `optax_ref.CLIPPERS`
@@ -25,8 +25,13 @@ OPTAX = {
 }
 
 
-def _keras_instance(name, grads, seed):
-    """One optimizer with values of its own: a callable that runs one step and waits."""
+def _keras_instance(name, grads, seed, norm_first=False):
+    """One optimizer with values of its own: a callable that runs one step and waits.
+
+    With `norm_first`, every gradient waits for the global norm (a select on
+    a predicate that is always false, `n != n and n == n`), then the
+    optimizer updates: the least a step that may skip does (the floor).
+    """
     import jax
     import keras
 
@@ -41,6 +46,12 @@ def _keras_instance(name, grads, seed):
 
     def apply(state, grads):
         trainable, optimizer_values = state
+        if norm_first:
+            import jax.numpy as jnp
+
+            norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads))
+            never = jnp.logical_and(norm != norm, norm == norm)
+            grads = [jnp.where(never, -g, g) for g in grads]
         return optimizer.stateless_apply(optimizer_values, grads, trainable)
 
     # The state goes out in the order it came in, as in Keras's `train_step`:
@@ -70,6 +81,10 @@ def part_a_jax(names, rounds, instances=3, calls=3):
         steps[name] = [
             _keras_instance(config, grads, 100 * i + j) for i in range(instances)
         ]
+    steps[FLOOR] = [
+        _keras_instance("Adam", grads, 100 * i + 40, norm_first=True)
+        for i in range(instances)
+    ]
     for j, (row, name) in enumerate(OPTAX.items()):
         steps[row] = [
             optax_ref._instance(name, True, grads, 100 * i + 50 + j)
