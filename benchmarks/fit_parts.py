@@ -22,7 +22,9 @@ import time
 import numpy as np
 from run import (
     ADAM_AGAIN,
+    FIT_FLOOR,
     QUIET,
+    _guarded_adam,
     _interval,
     _optimizer,
     _rounds,
@@ -147,8 +149,11 @@ def _compiled(spec, label, jit_compile):
 
     keras.utils.set_random_seed(0)  # the same weights for every model
     model = spec.build()
-    name = "Adam" if label == ADAM_AGAIN else label
-    model.compile(_optimizer(name), "mse", jit_compile=jit_compile)
+    if label == FIT_FLOOR:
+        optimizer = _guarded_adam()
+    else:
+        optimizer = _optimizer("Adam" if label == ADAM_AGAIN else label)
+    model.compile(optimizer, "mse", jit_compile=jit_compile)
     return model
 
 

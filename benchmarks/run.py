@@ -432,6 +432,52 @@ NORM_ALONE = "(the gradients' norm, alone)"
 FLOOR = "(the norm, then the update: the least with skip)"
 ADAM_AGAIN = "(Adam again: the protocol's own error)"
 FLOOR_AGC = "(the same and each weight's norm: the least for AGC)"
+FIT_FLOOR = "(Adam, masked by the norm's finiteness: the least with skip)"
+
+
+def _guarded_adam():
+    """Keras's Adam with the least a step that may skip must do, for (e).
+
+    The gradients' global norm (`keras_clip.ops.global_norm`) first, then
+    Keras's own update with every assignment masked by the norm's
+    finiteness (a product, a select for `assign`), non-finite gradients
+    zeroed: keras-clip's `nonfinite="skip"` without its statistics, clipper
+    state or update order.
+    """
+    import keras
+    from keras import ops
+
+    import keras_clip as kc
+
+    class GuardedAdam(keras.optimizers.Adam):
+        def _backend_update_step(self, grads, variables, learning_rate):
+            keep = ops.isfinite(kc.ops.global_norm(grads))
+            grads = [ops.where(keep, g, ops.zeros((), g.dtype)) for g in grads]
+            self.__dict__["keep"] = keep  # (past Keras's attribute tracking)
+            try:
+                super()._backend_update_step(grads, variables, learning_rate)
+            finally:
+                self.__dict__["keep"] = None
+
+        def assign(self, variable, value):
+            keep = self.__dict__.get("keep")
+            if keep is not None:
+                value = ops.where(keep, value, ops.cast(variable.value, value.dtype))
+            super().assign(variable, value)
+
+        def assign_add(self, variable, value):
+            keep = self.__dict__.get("keep")
+            if keep is not None:
+                value = value * ops.cast(keep, value.dtype)
+            super().assign_add(variable, value)
+
+        def assign_sub(self, variable, value):
+            keep = self.__dict__.get("keep")
+            if keep is not None:
+                value = value * ops.cast(keep, value.dtype)
+            super().assign_sub(variable, value)
+
+    return GuardedAdam(1e-3)
 
 
 def _chained_adam(norm_first=False, weight_norms=False):
@@ -832,7 +878,7 @@ def _jit_label(backend, jit_compile):
 def _run_ef(args, results):
     import fit_parts
 
-    labels = [*_configs(args.configs), ADAM_AGAIN]
+    labels = [*_configs(args.configs), FIT_FLOOR, ADAM_AGAIN]
     for part in ("e", "f"):
         if part in args.parts:
             results[part] = {}
