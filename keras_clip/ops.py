@@ -12,8 +12,6 @@ clipping clips the dense gradient's elements, and a clipped gradient comes
 back sparse, with unique indices.
 """
 
-import math
-
 import keras
 from keras import ops
 
@@ -36,9 +34,7 @@ def _matvec_rows(x, width):
     (see `backend.sums_by_matvec`)."""
     if not backend.sums_by_matvec():
         return None
-    size = 1
-    for dim in x.shape:
-        size = size * dim if isinstance(dim, int) and isinstance(size, int) else None
+    size = _static_size(x)
     if size is None or size < _MATVEC_MIN_SIZE or size % width:
         return None
     return ops.reshape(x, (-1, width))
@@ -126,17 +122,26 @@ def tensor_sums(grads, fns=()):
     sums = blocks[0] if len(blocks) == 1 else ops.concatenate(blocks)
     if order == list(range(len(grads))):
         return sums
-    return ops.take(sums, [order.index(i) for i in range(len(grads))], axis=0)
+    row_of = [0] * len(grads)  # each tensor's row among the blocks
+    for row, i in enumerate(order):
+        row_of[i] = row
+    return ops.take(sums, row_of, axis=0)
+
+
+def _static_size(x):
+    """The number of elements of `x`, or `None` if its shape is not static."""
+    size = 1
+    for dim in x.shape:
+        if not isinstance(dim, int):
+            return None
+        size *= dim
+    return size
 
 
 def _small(x):
     """Whether `x` has a static size under `_MATVEC_MIN_SIZE`."""
-    size = 1
-    for dim in x.shape:
-        if not isinstance(dim, int):
-            return False
-        size *= dim
-    return size < _MATVEC_MIN_SIZE
+    size = _static_size(x)
+    return size is not None and size < _MATVEC_MIN_SIZE
 
 
 def _size_groups(grads):
@@ -147,7 +152,7 @@ def _size_groups(grads):
         if not _small(g):
             groups.append([i])
             continue
-        key = (math.prod(g.shape), keras.backend.standardize_dtype(g.dtype))
+        key = (_static_size(g), keras.backend.standardize_dtype(g.dtype))
         if key not in by_key:
             by_key[key] = []
             groups.append(by_key[key])
