@@ -13,6 +13,7 @@ back sparse, with unique indices.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_clip import backend
@@ -209,6 +210,37 @@ def clip_scale(norm, max_norm):
     return ops.where(over, max_norm / safe_norm, ops.ones_like(norm))
 
 
+def entries(vector):
+    """The entries of a 1-D tensor of static length, as a list of scalars.
+
+    ```
+    entries(v)[i] = v[i]
+    ```
+
+    Under XLA each entry is a masked sum over the vector, not a slice. XLA
+    fuses a slice into every kernel that reads it, index and all, so each
+    small tensor scaled by its own entry gets update kernels that no other
+    tensor shares, and XLA compiles each one separately (per-tensor rules
+    on 82 small variables: 164 more kernels to compile, the first call up
+    to 1.5x Adam's). A masked sum is a small kernel of its own, and
+    same-shaped tensors share their update kernels again. Exact: the sum
+    adds zeros to the entry. Without XLA, where each operation is a kernel
+    anyway, the entries are slices (one operation each, not two).
+
+    Example:
+
+    >>> [float(x) for x in entries(np.array([2.0, -1.0, np.inf]))]
+    [2.0, -1.0, inf]
+    """
+    vector = ops.convert_to_tensor(vector)
+    n = vector.shape[0]
+    if not backend.compiled_by_xla(vector):
+        return list(ops.unstack(vector))
+    zero = ops.zeros((), vector.dtype)
+    rows = np.eye(n, dtype=bool)
+    return [ops.sum(ops.where(rows[i], vector, zero)) for i in range(n)]
+
+
 def scale(grads, factors):
     """Multiplies each tensor by its factor, in the tensor's own dtype.
 
@@ -235,7 +267,7 @@ def scale(grads, factors):
         factors = ops.convert_to_tensor(factors)
         factors = (
             [factors] * len(values) if len(factors.shape) == 0
-            else list(ops.unstack(factors))
+            else entries(factors)
         )
     return rewrap([
         None if g is None else g * ops.cast(f, g.dtype)
@@ -450,16 +482,23 @@ def adaptive_clip_scale(grad, param, clip_factor=0.01, epsilon=1e-3, axis=None,
     >>> np.asarray(scale).tolist(), float(sq)
     ([[0.5]], 6.25)
     """
+    factor, clipped_squares = adaptive_clip_units(
+        grad, param, clip_factor, epsilon, axis, grad_square
+    )
+    return factor, ops.sum(clipped_squares)
+
+
+def adaptive_clip_units(grad, param, clip_factor, epsilon, axis, grad_square=None):
+    """`adaptive_clip_scale` before its last sum: the factors, and each
+    unit's float32 sum of squares after clipping (both with the reduced axes
+    kept), so that a caller with many tensors sums them all at once."""
     if grad_square is None:
         grad_square = _unitwise_sq_norm(grad, axis)
     max_norm = clip_factor * ops.maximum(unitwise_norm(param, axis), epsilon)
     factor = clip_scale(ops.sqrt(grad_square), max_norm)
     # From the factor, not the norms: flags computed from the norms were a
     # kernel of their own that each tensor's update waited for.
-    clipped_square = ops.sum(
-        ops.where(factor < 1, ops.square(max_norm), grad_square)
-    )
-    return factor, clipped_square
+    return factor, ops.where(factor < 1, ops.square(max_norm), grad_square)
 
 
 def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None):

@@ -151,6 +151,25 @@ def test_tf_distribute_api_the_step_relies_on():
     assert hasattr(tf.distribute.StrategyExtended, "update")
 
 
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_the_step_knows_whether_xla_compiles_it(jit_compile):
+    # `backend.compiled_by_xla` (on TensorFlow a private TF name) decides how
+    # `keras_clip.ops.entries` takes a vector's entries; it must follow
+    # `model.compile(jit_compile=...)` (torch compiles never).
+    seen = []
+
+    class Probe(kc.GlobalNormClip):
+        def update(self, grads, *args, **kwargs):
+            seen.append(kc.backend.compiled_by_xla(grads[0]))
+            return super().update(grads, *args, **kwargs)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(kc.ClippedSGD(clipper=Probe()), loss="mse", jit_compile=jit_compile)
+    model.fit(np.ones((4, 2), "float32"), np.ones((4, 1), "float32"), verbose=0)
+    assert seen[-1] is (jit_compile and keras.backend.backend() != "torch")
+    assert kc.backend.compiled_by_xla(keras.ops.ones(2)) is False  # eager
+
+
 def test_loss_scale_optimizer_api_the_step_relies_on():
     lso = keras.optimizers.LossScaleOptimizer(kc.ClippedSGD(0.1))
     lso.build([keras.Variable(np.zeros(2, "float32"))])

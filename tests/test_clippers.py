@@ -386,6 +386,19 @@ def test_bad_arguments(make, err, msg):
     assert str(info.value).endswith(msg)
 
 
+def test_a_subclass_of_a_clipper_clips_as_its_parent():
+    # Its `Threshold` attributes are found on the parent class.
+    class Logged(kc.NormClip):
+        pass
+
+    grads = [np.array([3.0, 4.0], "float32")]
+    state = {"threshold": np.asarray(1.0, "float32")}
+    (out,), _, info = Logged(1.0).update(grads, state)
+    # Two float32 roundings: the factor 1 / 5, then the product.
+    np.testing.assert_allclose(np.asarray(out), [0.6, 0.8], rtol=2 * 2**-24)
+    assert bool(info["clipped"])
+
+
 def test_threshold_setter_checks_too():
     clip = kc.GlobalNormClip(1.0)
     with pytest.raises(ValueError, match="Received: max_norm=-2"):
@@ -414,6 +427,52 @@ def test_tensor_sums_of_many_sizes_match_numpy(run_as):
         bound = max(g.size, 1) * np.finfo(np.float32).eps / 2
         np.testing.assert_allclose(out[i, 0], np.sum(g64 * g64), rtol=bound, atol=0)
         assert out[i, 1] == np.sum(g > 0)
+
+
+@pytest.mark.parametrize("run_as", ["eager", "compiled"])
+def test_entries_are_exact_and_keep_other_entries_out(run_as):
+    # A non-finite entry stays in its own place: the masked sums add zeros,
+    # never 0 * inf or NaN.
+    v = np.array([0.5, np.inf, -3.25, np.nan, 1e-30, -0.0, 7.0], "float32")
+    take = (lambda x: kc_ops.entries(x)) if run_as == "eager" else steps.compiled(
+        lambda x: kc_ops.entries(x)
+    )
+    out = np.array([float(x) for x in take(v)], "float32")
+    np.testing.assert_array_equal(out, v)  # (NaN == NaN here; exact elsewhere)
+
+
+@pytest.mark.tensorflow(reason="the graph's ops are TensorFlow's")
+@pytest.mark.jax(reason="the jaxpr's primitives are JAX's")
+def test_per_tensor_factors_reach_the_tensors_without_slices():
+    # The seam `kc_ops.entries`: XLA fuses a slice, with its index, into each
+    # kernel that reads it, so same-shaped tensors scaled by their own entry
+    # would get kernels of their own, each compiled separately (NormClip's
+    # and AdaGC's first call). Under XLA every entry is a masked sum instead.
+    grads = [np.ones((4, 4), "float32") for _ in range(5)]
+    factors = np.linspace(0.1, 0.5, 5).astype("float32")
+    fn = lambda f: kc_ops.scale(grads, f)  # noqa: E731
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        def kinds(jit_compile):
+            f = tf.function(fn, jit_compile=jit_compile)
+            graph = f.get_concrete_function(factors).graph
+            return {op.type for op in graph.get_operations()}
+
+        assert not kinds(True) & {"StridedSlice", "Slice", "Unpack", "Split", "GatherV2"}
+        assert "Sum" in kinds(True)
+        # Without XLA each operation is a kernel: one slice an entry.
+        assert "Unpack" in kinds(False)
+    else:
+        import jax
+
+        jaxpr = jax.make_jaxpr(fn)(factors)
+        kinds = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+        assert not kinds & {"slice", "dynamic_slice", "gather", "squeeze", "split"}
+        assert "reduce_sum" in kinds
+    out = fn(factors)
+    for g, f, o in zip(grads, factors, out):
+        np.testing.assert_array_equal(np.asarray(o), g * f)
 
 
 @pytest.mark.parametrize("shape", [(512, 256), (3, 3, 64, 128), (70_001,)])

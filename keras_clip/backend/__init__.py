@@ -252,6 +252,20 @@ def reader(values, then_zero=()):
     return read
 
 
+def compiled_by_xla(x):
+    """Whether `x` belongs to a function XLA compiles: on TensorFlow one
+    traced under `jit_compile=True`, on JAX one traced by `jax.jit` (Keras's
+    steps, unless `jit_compile=False`), on torch none."""
+    tf = _tf()
+    if tf is not None:
+        return tf.compiled_by_xla()
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return isinstance(x, jax.core.Tracer)
+    return False
+
+
 def opaque_false(x):
     """False, but XLA cannot know it (see `UpdateChain`)."""
     return _tf().opaque_false(x)

@@ -175,6 +175,14 @@ class UpdateChain:
         self._lanes[lane] = never
 
 
+def compiled_by_xla():
+    """Whether the function being traced is compiled by XLA (`jit_compile=True`)."""
+    from tensorflow.python.ops import control_flow_util
+
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
 def opaque_false(x):
     """False, but XLA cannot know it: `x != x and x == x`."""
     x = tf.convert_to_tensor(x)

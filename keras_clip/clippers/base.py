@@ -140,7 +140,7 @@ class Clipper:
         value = getattr(self, name)
         if isinstance(value, LearningRateSchedule):
             return ops.cast(value(0 if step is None else step), "float32")
-        return state[type(self).__dict__[name].key]
+        return state[getattr(type(self), name).key]  # (also in a subclass)
 
     @staticmethod
     def _serialize(value):

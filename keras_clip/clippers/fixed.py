@@ -199,7 +199,7 @@ class AdaptiveGradClip(Clipper):
                 f"gradient. Received: params={params!r}"
             )
         c = self._current("clip_factor", state, step)
-        squares = self._sums(grads, state, step, sums)[:, 0]
+        squares = kc_ops.entries(self._sums(grads, state, step, sums)[:, 0])
         factors, flags, clipped_squares = [], [], []
         for i, (g, p) in enumerate(zip(grads, params)):
             if self._excluded(p):
@@ -207,16 +207,17 @@ class AdaptiveGradClip(Clipper):
             else:
                 # One unit (a scalar or a vector): its sum of squares is known.
                 whole = len(g.shape) <= 1 and self.axis is None
-                factor, clipped_square = kc_ops.adaptive_clip_scale(
+                factor, clipped_square = kc_ops.adaptive_clip_units(
                     g, _value(p), c, self.epsilon, self.axis,
                     grad_square=squares[i] if whole else None,
                 )
+                flags.append(ops.reshape(factor, (-1,)))
             factors.append(factor)
-            flags.append(ops.any(factor < 1))
-            clipped_squares.append(clipped_square)
+            clipped_squares.append(ops.reshape(clipped_square, (-1,)))
+        # One reduction each for all the tensors, not one a tensor.
         info = {
-            "clipped": ops.any(ops.stack(flags)) if flags else ops.array(False),
-            "clipped_norm": ops.sqrt(ops.sum(ops.stack(clipped_squares)))
+            "clipped": ops.any(ops.concatenate(flags) < 1) if flags else ops.array(False),
+            "clipped_norm": ops.sqrt(ops.sum(ops.concatenate(clipped_squares)))
             if clipped_squares else ops.zeros((), "float32"),
         }
         return kc_ops.scale(grads, factors), {"threshold": c}, info
