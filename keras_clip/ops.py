@@ -328,13 +328,16 @@ def clip_by_value(grads, max_value):
     [[-1.0, 0.5]]
     """
     values, rewrap = backend.split_sparse(grads)
+    bounds = {}  # dtype -> (-c, c), computed once for all tensors of a dtype
     out = []
     for g in values:
         if g is None:
             out.append(None)
             continue
-        c = ops.cast(max_value, g.dtype)
-        out.append(ops.clip(g, -c, c))
+        if g.dtype not in bounds:
+            c = ops.cast(max_value, g.dtype)
+            bounds[g.dtype] = (-c, c)
+        out.append(ops.clip(g, *bounds[g.dtype]))
     return rewrap(out)
 
 
@@ -499,6 +502,88 @@ def adaptive_clip_units(grad, param, clip_factor, epsilon, axis, grad_square=Non
     # From the factor, not the norms: flags computed from the norms were a
     # kernel of their own that each tensor's update waited for.
     return factor, ops.where(factor < 1, ops.square(max_norm), grad_square)
+
+
+def adaptive_clip_factors(grads, params, clip_factor, epsilon, axis=None,
+                          grad_squares=None):
+    """`adaptive_clip_units` for a list of dense gradients and their weights.
+
+    Without XLA, where each operation is a kernel of its own, gradients of
+    one static shape and dtype (and their weights, of that shape) are
+    stacked and take each operation once for all: on 40 Dense(64) layers,
+    about 20 operations a tensor fewer. Under XLA each tensor takes its own:
+    a stacked factor would reach each update as a slice (see `entries`).
+
+    Args:
+        grads: List of dense gradient tensors.
+        params: List of the matching weight tensors.
+        clip_factor, epsilon, axis: As for `adaptive_clip_scale`.
+        grad_squares: Optional list of float32 scalars, each gradient's sum
+            of squares (used where a gradient is one unit; entries may be
+            `None`).
+
+    Returns:
+        A tuple `(factors, clipped, clipped_square)`: the list of float32
+        factors, each broadcasting against its gradient; whether any unit
+        was clipped (a bool scalar); and the float32 sum of squares of all
+        the clipped gradients.
+    """
+    if not grads:
+        return [], ops.array(False), ops.zeros((), "float32")
+    grad_squares = grad_squares or [None] * len(grads)
+    stack = len(grads) > 1 and not backend.compiled_by_xla(grads[0])
+    groups = _shape_groups(grads, params) if stack else [[i] for i in range(len(grads))]
+    factors = [None] * len(grads)
+    flat_factors, flat_squares = [], []
+    for group in groups:
+        if len(group) == 1:
+            (i,) = group
+            whole = len(grads[i].shape) <= 1 and axis is None
+            factor, squares = adaptive_clip_units(
+                grads[i], params[i], clip_factor, epsilon, axis,
+                grad_square=grad_squares[i] if whole else None,
+            )
+            factors[i] = factor
+        else:
+            factor, squares = adaptive_clip_units(
+                ops.stack([grads[i] for i in group]),
+                ops.stack([params[i] for i in group]),
+                clip_factor, epsilon, _stacked_axes(len(grads[group[0]].shape), axis),
+            )
+            for i, f in zip(group, ops.unstack(factor)):
+                factors[i] = f
+        flat_factors.append(ops.reshape(factor, (-1,)))
+        flat_squares.append(ops.reshape(squares, (-1,)))
+    clipped = ops.any(ops.concatenate(flat_factors) < 1)
+    return factors, clipped, ops.sum(ops.concatenate(flat_squares))
+
+
+def _shape_groups(grads, params):
+    """Indices of `grads` in groups of one static shape and dtype whose
+    weights have that shape too (not a sparse gradient's rows), in order of
+    first appearance; every other alone."""
+    groups, by_key = [], {}
+    for i, (g, p) in enumerate(zip(grads, params)):
+        shape = tuple(g.shape)
+        if None in shape or not shape or tuple(p.shape) != shape:
+            groups.append([i])
+            continue
+        key = (shape, keras.backend.standardize_dtype(g.dtype))
+        if key not in by_key:
+            by_key[key] = []
+            groups.append(by_key[key])
+        by_key[key].append(i)
+    return groups
+
+
+def _stacked_axes(ndim, axis):
+    """The unit axes of a tensor of rank `ndim`, in a stack of such tensors
+    (a new first axis; negative axes count from the end and stay)."""
+    axes = _unit_axes(ndim, axis)
+    if axes is None:
+        axes = tuple(range(ndim))
+    axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+    return tuple(a + 1 if a >= 0 else a for a in axes)
 
 
 def adaptive_grad_clip(grads, params, clip_factor=0.01, epsilon=1e-3, axis=None):

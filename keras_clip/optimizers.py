@@ -244,7 +244,7 @@ class ClippingMixin(backend.OptimizerHooks):
         updates = backend.updates_for(self)  # how this context runs a step
         grads = updates.all_reduce(grads)  # what a single device would see
         values, rewrap = backend.split_sparse(grads)
-        state = {name: v.value for name, v in self._clip_state.items()}
+        state = {name: backend.read(v) for name, v in self._clip_state.items()}
         # One pass over the gradients: their squares, and the sums the rule needs.
         sums = self._sums(values, state)
         squares = sums[:, 0]  # (for the statistics, as they were)

@@ -172,6 +172,58 @@ def test_agc_exclude_and_axis():
     assert tuple(unit.shape) == (1, 1, 2, 4)
 
 
+@pytest.mark.parametrize("run_as", ["eager", "graph", "compiled"])
+@pytest.mark.parametrize("axis", [None, (0, 1), -1])
+def test_agc_on_many_tensors_of_one_shape_matches_numpy(run_as, axis):
+    # Without XLA, same-shaped tensors take AGC's operations stacked (one
+    # each for all, `ops.adaptive_clip_factors`); under XLA one tensor at a
+    # time. Both are the per-tensor rule: three kernels of one shape, two
+    # biases, two 3-D kernels, a scalar, one of another dtype (an `axis`
+    # applies to every tensor: only the ranks it fits).
+    rng = np.random.default_rng(11)
+    shapes = [(4, 3), (3,), (4, 3), (2, 2, 3), (4, 3), (3,), (2, 2, 3), ()]
+    fits = {None: 0, (0, 1): 2, -1: 1}[axis]
+    shapes = [s for s in shapes if len(s) >= fits]
+    grads = [(rng.standard_normal(s) * 10).astype("float32") for s in shapes]
+    params = [rng.standard_normal(s).astype("float32") for s in shapes]
+    grads.append(rng.standard_normal((4, 3)).astype("float16"))
+    params.append(rng.standard_normal((4, 3)).astype("float16"))
+    clipper = kc.AdaptiveGradClip(0.05, axis=axis)
+    state = {k: np.asarray(v) for k, v in clipper.init_state(params).items()}
+
+    def clip(gs, ps):
+        out, _, info = clipper.update(gs, state, ps)
+        return out, info["clipped_norm"], info["clipped"]
+
+    if run_as == "graph":
+        import tensorflow as tf
+
+        clip = tf.function(clip, jit_compile=False)
+    elif run_as == "compiled":
+        clip = steps.compiled(clip)
+    if run_as == "graph" and keras.backend.backend() != "tensorflow":
+        pytest.skip("a graph without XLA is TensorFlow's")
+    out, clipped_norm, clipped = clip(grads, params)
+
+    def units(x):  # float64 unit norms, reduced axes kept
+        x = x.astype(np.float64)
+        axes = (tuple(range(x.ndim - 1)) if x.ndim > 1 else None) if axis is None else axis
+        return np.sqrt(np.sum(x * x, axis=axes, keepdims=True))
+
+    total = 0.0
+    for g, p, o in zip(grads, params, out):
+        max_norm = 0.05 * np.maximum(units(p), 1e-3)
+        n = units(g)
+        expected = g.astype(np.float64) * np.where(n > max_norm, max_norm / n, 1.0)
+        total += np.sum(expected**2)
+        # Sums of at most 12 squares, two roots, a product, a quotient and
+        # the scaling, in the gradient's dtype.
+        eps = np.finfo(g.dtype).eps / 2
+        np.testing.assert_allclose(np.asarray(o, "float64"), expected, rtol=20 * eps, atol=0)
+    np.testing.assert_allclose(float(clipped_norm), np.sqrt(total), rtol=20 * 2**-11)
+    assert bool(clipped)
+
+
 def test_ops_functions_match_numpy():
     grads, params = random_lists(9, 5.0)
     np.testing.assert_allclose(

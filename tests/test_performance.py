@@ -280,6 +280,26 @@ def test_value_clip_takes_its_statistics_in_the_norms_pass():
     assert dots(kc.ValueClip(1.0)) == dots(kc.GlobalNormClip(1.0)) == 2
 
 
+@pytest.mark.tensorflow(reason="counts TensorFlow's variable reads in the step's graph")
+@pytest.mark.parametrize("clipper", [kc.ValueClip(1.0), kc.AdaptiveGradClip()])
+def test_the_step_reads_the_clipper_state_once(clipper):
+    import tensorflow as tf
+
+    # A rule uses its threshold once per gradient; each use of a variable is
+    # a read of its own on TensorFlow (without XLA, an operation each).
+    opt = kc.ClippedAdam(1e-3, clipper=clipper)
+    variables = [keras.Variable(np.ones((3, 2), "float32")) for _ in range(6)]
+    opt.build(variables)
+    grads = [tf.constant(np.ones((3, 2), "float32"))] * 6
+    graph = tf.function(lambda gs: opt.apply(gs, variables)).get_concrete_function(grads).graph
+    handle = opt._clip_state["threshold"].value.handle
+    reads = [
+        op for op in graph.get_operations()
+        if op.type == "ReadVariableOp" and op.inputs[0] is graph.capture(handle)
+    ]
+    assert len(reads) == 1, len(reads)
+
+
 @pytest.mark.tensorflow(
     reason="on TensorFlow each eager read or assignment is a call of its own; "
     "elsewhere a read is a plain host copy"

@@ -76,9 +76,17 @@ def bincount(index, length):
 
 
 def read(variable):
-    """The current value of a Keras or backend variable, as a tensor."""
+    """The current value of a Keras or backend variable, as a tensor.
+
+    On TensorFlow a variable is read again wherever it is used; the tensor
+    is one read, however often the step uses it (a threshold used once per
+    gradient: one read, not one a gradient).
+    """
     if isinstance(variable, keras.Variable):
-        return variable.value
+        variable = variable.value
+    tf = _tf()
+    if tf is not None:
+        return tf.read(variable)
     return ops.convert_to_tensor(variable)
 
 

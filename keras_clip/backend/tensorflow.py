@@ -14,6 +14,12 @@ def run_if(pred, fn, fallback):
     return tf.cond(pred, fn, fallback)
 
 
+def read(variable):
+    """One read of `variable` (Keras's `convert_to_tensor` passes a
+    `tf.Variable` through, to be read again at each use)."""
+    return tf.convert_to_tensor(variable)
+
+
 def bincount(index, length):
     # A constant size compiles under XLA, also inside the step's `cond`
     # (`tf.math.bincount` and `ops.bincount` derive the size from the data,

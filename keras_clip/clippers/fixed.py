@@ -200,26 +200,17 @@ class AdaptiveGradClip(Clipper):
             )
         c = self._current("clip_factor", state, step)
         squares = kc_ops.entries(self._sums(grads, state, step, sums)[:, 0])
-        factors, flags, clipped_squares = [], [], []
-        for i, (g, p) in enumerate(zip(grads, params)):
-            if self._excluded(p):
-                factor, clipped_square = ops.ones((), "float32"), squares[i]
-            else:
-                # One unit (a scalar or a vector): its sum of squares is known.
-                whole = len(g.shape) <= 1 and self.axis is None
-                factor, clipped_square = kc_ops.adaptive_clip_units(
-                    g, _value(p), c, self.epsilon, self.axis,
-                    grad_square=squares[i] if whole else None,
-                )
-                flags.append(ops.reshape(factor, (-1,)))
-            factors.append(factor)
-            clipped_squares.append(ops.reshape(clipped_square, (-1,)))
-        # One reduction each for all the tensors, not one a tensor.
-        info = {
-            "clipped": ops.any(ops.concatenate(flags) < 1) if flags else ops.array(False),
-            "clipped_norm": ops.sqrt(ops.sum(ops.concatenate(clipped_squares)))
-            if clipped_squares else ops.zeros((), "float32"),
-        }
+        kept = [i for i, p in enumerate(params) if not self._excluded(p)]
+        found, clipped, clipped_square = kc_ops.adaptive_clip_factors(
+            [grads[i] for i in kept], [_value(params[i]) for i in kept],
+            c, self.epsilon, self.axis, grad_squares=[squares[i] for i in kept],
+        )
+        factors = [ops.ones((), "float32")] * len(grads)
+        for i, factor in zip(kept, found):
+            factors[i] = factor
+        for i in sorted(set(range(len(grads))) - set(kept)):  # left as they are
+            clipped_square = clipped_square + squares[i]
+        info = {"clipped": clipped, "clipped_norm": ops.sqrt(clipped_square)}
         return kc_ops.scale(grads, factors), {"threshold": c}, info
 
     def _excluded(self, param):
