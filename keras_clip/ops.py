@@ -148,16 +148,24 @@ def _small(x):
 def _size_groups(grads):
     """Indices of `grads` in groups: the small tensors (`_small`) of one size
     and dtype together, in order of first appearance; every other alone."""
+    return _groups([
+        (_static_size(g), keras.backend.standardize_dtype(g.dtype)) if _small(g) else None
+        for g in grads
+    ])
+
+
+def _groups(keys):
+    """Indices in groups of one key, in order of first appearance; an index
+    whose key is `None` alone."""
     groups, by_key = [], {}
-    for i, g in enumerate(grads):
-        if not _small(g):
+    for i, key in enumerate(keys):
+        if key is None:
             groups.append([i])
-            continue
-        key = (_static_size(g), keras.backend.standardize_dtype(g.dtype))
-        if key not in by_key:
-            by_key[key] = []
+        elif key in by_key:
+            by_key[key].append(i)
+        else:
+            by_key[key] = [i]
             groups.append(by_key[key])
-        by_key[key].append(i)
     return groups
 
 
@@ -562,18 +570,13 @@ def _shape_groups(grads, params):
     """Indices of `grads` in groups of one static shape and dtype whose
     weights have that shape too (not a sparse gradient's rows), in order of
     first appearance; every other alone."""
-    groups, by_key = [], {}
-    for i, (g, p) in enumerate(zip(grads, params)):
+    def key(g, p):
         shape = tuple(g.shape)
         if None in shape or not shape or tuple(p.shape) != shape:
-            groups.append([i])
-            continue
-        key = (shape, keras.backend.standardize_dtype(g.dtype))
-        if key not in by_key:
-            by_key[key] = []
-            groups.append(by_key[key])
-        by_key[key].append(i)
-    return groups
+            return None
+        return shape, keras.backend.standardize_dtype(g.dtype)
+
+    return _groups([key(g, p) for g, p in zip(grads, params)])
 
 
 def _stacked_axes(ndim, axis):
