@@ -568,13 +568,14 @@ def adaptive_clip_factors(grads, params, clip_factor, epsilon, axis=None,
 
 def _shape_groups(grads, params):
     """Indices of `grads` in groups of one static shape and dtype whose
-    weights have that shape too (not a sparse gradient's rows), in order of
-    first appearance; every other alone."""
+    weights have that shape (not a sparse gradient's rows) and one dtype too,
+    in order of first appearance; every other alone."""
     def key(g, p):
         shape = tuple(g.shape)
         if None in shape or not shape or tuple(p.shape) != shape:
             return None
-        return shape, keras.backend.standardize_dtype(g.dtype)
+        dtype = keras.backend.standardize_dtype
+        return shape, dtype(g.dtype), dtype(p.dtype)
 
     return _groups([key(g, p) for g, p in zip(grads, params)])
 
