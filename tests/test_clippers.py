@@ -451,6 +451,21 @@ def test_a_subclass_of_a_clipper_clips_as_its_parent():
     assert bool(info["clipped"])
 
 
+@pytest.mark.parametrize("size", [12, 70_000])
+def test_value_clip_sees_one_element_one_ulp_above_the_bound(size):
+    # "clipped" comes from the sum of |g| - c over the moved elements: one
+    # element a unit in the last place above c among many below still counts.
+    c = np.float32(0.3)
+    g = np.full(size, 0.1, "float32")
+    grads = [g, -g]
+    state = {"threshold": np.asarray(c)}
+    _, _, info = kc.ValueClip(c).update(grads, state)
+    assert not bool(info["clipped"])
+    grads[1][size // 2] = -np.nextafter(c, np.float32(1))
+    _, _, info = kc.ValueClip(c).update(grads, state)
+    assert bool(info["clipped"])
+
+
 def test_threshold_setter_checks_too():
     clip = kc.GlobalNormClip(1.0)
     with pytest.raises(ValueError, match="Received: max_norm=-2"):

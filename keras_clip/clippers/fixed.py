@@ -44,8 +44,13 @@ class ValueClip(Clipper):
         return {"threshold": Threshold.initial(self.max_value)}
 
     def tensor_terms(self, state, step):
-        # The clipped squares and how many elements clipping moves: summed
-        # in the pass that takes the norms, they cost no pass of their own.
+        # The clipped squares, and how far clipping moves the elements:
+        # summed in the pass that takes the norms, they cost no pass of their
+        # own. The second sum is positive exactly when an element moves (a
+        # difference |g| - c > 0 is at least one unit in the last place of
+        # c, and a sum of non-negative terms does not cancel); a count of
+        # the elements (a cast of `|g| > c`) made JAX's XLA write each
+        # gradient out again first (the step 3.4 of Adam's, 1.9 this way).
         c = self._current("max_value", state, step)
 
         def clipped_square(g):
@@ -53,7 +58,7 @@ class ValueClip(Clipper):
             return ops.square(ops.cast(clipped, "float32"))
 
         def moved(g):
-            return ops.abs(g) > ops.cast(c, g.dtype)
+            return ops.maximum(ops.abs(g) - ops.cast(c, g.dtype), 0)
 
         return (clipped_square, moved)
 
