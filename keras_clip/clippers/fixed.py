@@ -50,7 +50,7 @@ class ValueClip(Clipper):
         # difference |g| - c > 0 is at least one unit in the last place of
         # c, and a sum of non-negative terms does not cancel); a count of
         # the elements (a cast of `|g| > c`) made JAX's XLA write each
-        # gradient out again first (the step 3.4 of Adam's, 1.9 this way).
+        # gradient out again first (the step 3.4 of Adam's, 2.1 this way).
         c = self._current("max_value", state, step)
 
         def clipped_square(g):
@@ -205,7 +205,8 @@ class AdaptiveGradClip(Clipper):
             )
         c = self._current("clip_factor", state, step)
         squares = kc_ops.entries(self._sums(grads, state, step, sums)[:, 0])
-        kept = [i for i, p in enumerate(params) if not self._excluded(p)]
+        excluded = [self._excluded(p) for p in params]
+        kept = [i for i, out in enumerate(excluded) if not out]
         found, clipped, clipped_square = kc_ops.adaptive_clip_factors(
             [grads[i] for i in kept], [_value(params[i]) for i in kept],
             c, self.epsilon, self.axis, grad_squares=[squares[i] for i in kept],
@@ -213,8 +214,9 @@ class AdaptiveGradClip(Clipper):
         factors = [ops.ones((), "float32")] * len(grads)
         for i, factor in zip(kept, found):
             factors[i] = factor
-        for i in sorted(set(range(len(grads))) - set(kept)):  # left as they are
-            clipped_square = clipped_square + squares[i]
+        for i, out in enumerate(excluded):  # left as they are
+            if out:
+                clipped_square = clipped_square + squares[i]
         info = {"clipped": clipped, "clipped_norm": ops.sqrt(clipped_square)}
         return kc_ops.scale(grads, factors), {"threshold": c}, info
 
