@@ -111,26 +111,28 @@ class ClippingMixin(backend.OptimizerHooks):
         if self.built:
             return
         backend.check_one_process()
-        super().build(variables)
-        clipper = self.clipper
-        state = {} if clipper is None else clipper.init_state(variables)
-        if clipper is not None and clipper._state_variables is not None:
-            raise ValueError(
-                "This clipper already belongs to another optimizer; give each "
-                f"optimizer its own clipper. Received: clipper={clipper!r}"
-            )
-        self._clip_state = {
-            name: self.add_variable(
-                shape=np.shape(value),
-                dtype=str(np.asarray(value).dtype),
-                initializer=_constant(value),
-                name=f"clip_{name}",
-            )
-            for name, value in state.items()
-        }
-        if clipper is not None:
-            clipper._bind(self._clip_state)
-        self._stats = stats.build(self, len(variables))
+        # Variables made in a trace would make Keras trace its step twice.
+        with backend.outside_traces():
+            super().build(variables)
+            clipper = self.clipper
+            state = {} if clipper is None else clipper.init_state(variables)
+            if clipper is not None and clipper._state_variables is not None:
+                raise ValueError(
+                    "This clipper already belongs to another optimizer; give each "
+                    f"optimizer its own clipper. Received: clipper={clipper!r}"
+                )
+            self._clip_state = {
+                name: self.add_variable(
+                    shape=np.shape(value),
+                    dtype=str(np.asarray(value).dtype),
+                    initializer=_constant(value),
+                    name=f"clip_{name}",
+                )
+                for name, value in state.items()
+            }
+            if clipper is not None:
+                clipper._bind(self._clip_state)
+            self._stats = stats.build(self, len(variables))
 
     def gradient_stats(self, reset_window=False):
         """The gradient statistics, as Python numbers, read from the step.

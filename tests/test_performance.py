@@ -327,3 +327,43 @@ def test_statistics_are_read_and_the_window_reset_in_one_compiled_call(monkeypat
     assert again["window_steps"] == 0 and again["steps"] == 1
     np.testing.assert_allclose(again["grad_norm"], np.sqrt(12.0), rtol=1e-6)
 
+
+
+@pytest.mark.tensorflow(
+    reason="only Keras's TensorFlow trainer builds the optimizer inside the "
+    "first trace of its step (the others build it before)"
+)
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("clipper", [None, "autoclip", "adagc"])
+def test_the_first_fit_traces_the_step_once(monkeypatch, clipper, jit_compile):
+    # A `tf.function` that creates variables in its first trace is traced a
+    # second time; Keras builds its optimizer in that trace. Built outside
+    # it, the variables start where a build before `fit` starts them (the
+    # clippers here start at inf), and training follows the same path.
+    make = {None: lambda: None, "autoclip": lambda: kc.AutoClip(history_size=4),
+            "adagc": lambda: kc.AdaGC()}[clipper]
+    x = np.random.default_rng(0).standard_normal((12, 3)).astype("float32")
+    y = np.random.default_rng(1).standard_normal((12, 1)).astype("float32")
+
+    def fit(build_first):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)]
+        )
+        opt = kc.ClippedAdam(0.1, clipper=make())
+        model.compile(opt, "mse", jit_compile=jit_compile)
+        if build_first:
+            opt.build(model.trainable_variables)
+        traces = []
+        step = model.train_step
+        monkeypatch.setattr(model, "train_step", lambda data: traces.append(1) or step(data))
+        model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        return len(traces), model, opt
+
+    traces, model, opt = fit(build_first=False)
+    assert traces == 1
+    reference_traces, reference, reference_opt = fit(build_first=True)
+    assert reference_traces == 1
+    assert opt.gradient_stats()["steps"] == 3
+    for a, b in zip(model.weights + opt.variables, reference.weights + reference_opt.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)

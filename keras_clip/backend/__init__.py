@@ -14,6 +14,8 @@ package and its guard test (tests/test_backend.py), not the optimizer:
 This module holds the functions whose backends differ.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -258,6 +260,20 @@ def reader(values, then_zero=()):
         return out
 
     return read
+
+
+def outside_traces():
+    """A context in which variables are created as if before any step.
+
+    Keras on TensorFlow builds the optimizer inside the first trace of its
+    train step (unless a distribution strategy builds it first); a
+    `tf.function` that creates variables in its first trace is traced a
+    second time, so `fit`'s first call would trace the step twice. Created
+    here, the variables come from eager code (`tf.init_scope`) and the first
+    trace is the only one. Elsewhere a no-op.
+    """
+    tf = _tf()
+    return contextlib.nullcontext() if tf is None else tf.outside_traces()
 
 
 def compiled_by_xla(x):

@@ -3,6 +3,7 @@
 Only called when Keras runs on TensorFlow (see `keras_clip/backend/__init__.py`).
 """
 
+import contextlib
 import math
 
 import keras
@@ -179,6 +180,24 @@ class UpdateChain:
             cut = opaque_false(x)
             never = cut if never is None else tf.logical_and(never, cut)
         self._lanes[lane] = never
+
+
+@contextlib.contextmanager
+def outside_traces():
+    """`backend.outside_traces`: variables created eagerly (`tf.init_scope`)
+    and not lifted, so the function being traced does not count them as its
+    own (it traces again when it made some). Only without a distribution
+    strategy: under one, Keras builds the optimizer before tracing."""
+    if tf.executing_eagerly() or tf.distribute.has_strategy():
+        yield
+        return
+
+    def not_lifted(next_creator, **kwargs):
+        kwargs["experimental_enable_variable_lifting"] = False
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(not_lifted), tf.init_scope():
+        yield
 
 
 def compiled_by_xla():
