@@ -112,7 +112,7 @@ class ClippingMixin(backend.OptimizerHooks):
             return
         backend.check_one_process()
         # Variables made in a trace would make Keras trace its step twice.
-        with backend.outside_traces():
+        with backend.outside_traces(variables):
             super().build(variables)
             clipper = self.clipper
             state = {} if clipper is None else clipper.init_state(variables)

@@ -262,18 +262,19 @@ def reader(values, then_zero=()):
     return read
 
 
-def outside_traces():
+def outside_traces(variables):
     """A context in which variables are created as if before any step.
 
     Keras on TensorFlow builds the optimizer inside the first trace of its
     train step (unless a distribution strategy builds it first); a
     `tf.function` that creates variables in its first trace is traced a
     second time, so `fit`'s first call would trace the step twice. Created
-    here, the variables come from eager code (`tf.init_scope`) and the first
-    trace is the only one. Elsewhere a no-op.
+    here, the optimizer's variables come from eager code and the first trace
+    is the only one, provided the model's `variables` exist before it.
+    Elsewhere a no-op.
     """
     tf = _tf()
-    return contextlib.nullcontext() if tf is None else tf.outside_traces()
+    return contextlib.nullcontext() if tf is None else tf.outside_traces(variables)
 
 
 def compiled_by_xla(x):

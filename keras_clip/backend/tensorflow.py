@@ -183,12 +183,22 @@ class UpdateChain:
 
 
 @contextlib.contextmanager
-def outside_traces():
+def outside_traces(variables):
     """`backend.outside_traces`: variables created eagerly (`tf.init_scope`)
     and not lifted, so the function being traced does not count them as its
-    own (it traces again when it made some). Only without a distribution
-    strategy: under one, Keras builds the optimizer before tracing."""
+    own (it traces again when it made some).
+
+    Only when `variables` hold their values already (when the model's own
+    variables are made in this trace, it is traced again anyway, and a build
+    may read them: `ScheduleFreeAdamW` copies them), and without a
+    distribution strategy (under one, Keras builds the optimizer before
+    tracing)."""
     if tf.executing_eagerly() or tf.distribute.has_strategy():
+        yield
+        return
+    with tf.init_scope():
+        ready = all(bool(_tf_variable(v).is_initialized()) for v in variables)
+    if not ready:
         yield
         return
 
@@ -198,6 +208,10 @@ def outside_traces():
 
     with tf.variable_creator_scope(not_lifted), tf.init_scope():
         yield
+
+
+def _tf_variable(variable):
+    return variable.value if isinstance(variable, keras.Variable) else variable
 
 
 def compiled_by_xla():
