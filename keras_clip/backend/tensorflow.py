@@ -34,8 +34,10 @@ def bincount(index, length):
 
 
 def reader(values, then_zero):
-    """`backend.reader` as one compiled call: on TensorFlow each eager read
-    or assignment costs tens of microseconds."""
+    """`backend.reader` as one call of a traced function: on TensorFlow each
+    eager read or assignment costs tens of microseconds. The traced graph is
+    called directly (its `ConcreteFunction`): a `tf.function`'s own call
+    would look its trace up again at every read."""
 
     @tf.function(autograph=False)
     def read():
@@ -44,7 +46,8 @@ def reader(values, then_zero):
             variable.assign(tf.zeros(variable.shape, variable.dtype))
         return out
 
-    return lambda: read().numpy()
+    traced = read.get_concrete_function()
+    return lambda: traced().numpy()
 
 
 # Sparse gradients (`Embedding`).
