@@ -339,14 +339,21 @@ def test_statistics_are_read_and_the_window_reset_in_one_compiled_call(monkeypat
     "first trace of its step (the others build it before)"
 )
 @pytest.mark.parametrize("jit_compile", [False, True])
-@pytest.mark.parametrize("clipper", [None, "autoclip", "adagc"])
+@pytest.mark.parametrize("clipper", [None, "autoclip", "adagc", "schedule_free"])
 def test_the_first_fit_traces_the_step_once(monkeypatch, clipper, jit_compile):
     # A `tf.function` that creates variables in its first trace is traced a
     # second time; Keras builds its optimizer in that trace. Built outside
     # it, the variables start where a build before `fit` starts them (the
-    # clippers here start at inf), and training follows the same path.
-    make = {None: lambda: None, "autoclip": lambda: kc.AutoClip(history_size=4),
-            "adagc": lambda: kc.AdaGC()}[clipper]
+    # clippers here start at inf; `ScheduleFreeAdamW`'s build copies the
+    # weights), and training follows the same path.
+    if clipper == "schedule_free" and not hasattr(kc, "ClippedScheduleFreeAdamW"):
+        pytest.skip("keras.optimizers.ScheduleFreeAdamW came with Keras 3.14")
+    make = {
+        None: lambda: kc.ClippedAdam(0.1),
+        "autoclip": lambda: kc.ClippedAdam(0.1, clipper=kc.AutoClip(history_size=4)),
+        "adagc": lambda: kc.ClippedAdam(0.1, clipper=kc.AdaGC()),
+        "schedule_free": lambda: kc.ClippedScheduleFreeAdamW(0.1, global_clipnorm=1.0),
+    }[clipper]
     x = np.random.default_rng(0).standard_normal((12, 3)).astype("float32")
     y = np.random.default_rng(1).standard_normal((12, 1)).astype("float32")
 
@@ -355,7 +362,7 @@ def test_the_first_fit_traces_the_step_once(monkeypatch, clipper, jit_compile):
         model = keras.Sequential(
             [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)]
         )
-        opt = kc.ClippedAdam(0.1, clipper=make())
+        opt = make()
         model.compile(opt, "mse", jit_compile=jit_compile)
         if build_first:
             opt.build(model.trainable_variables)
