@@ -44,6 +44,8 @@ OLDEST_TESTS = [
     "tests/test_optimizers.py",
     "tests/test_correctness.py",
     "tests/test_monitor.py",
+    # (the rest of that file reads XLA's HLO, which differs by TensorFlow release)
+    "tests/test_performance.py::test_the_first_fit_traces_the_step_once",
 ]
 
 
