@@ -50,7 +50,7 @@ class ValueClip(Clipper):
         # difference |g| - c > 0 is at least one unit in the last place of
         # c, and a sum of non-negative terms does not cancel); a count of
         # the elements (a cast of `|g| > c`) made JAX's XLA write each
-        # gradient out again first (the step 3.4 of Adam's, 2.1 this way).
+        # gradient out again first (benchmarks/README.md, design table).
         c = self._current("max_value", state, step)
 
         def clipped_square(g):
