@@ -137,6 +137,22 @@ def _fit_step(model, x, y, batch, callbacks=()):
     return float(np.median(np.diff(clock.begins)[1:]))
 
 
+def _batch_step(model, x, y, calls):
+    """The step time of `calls - 1` `train_on_batch` calls on one batch, in
+    seconds (their mean, after one left out).
+
+    `train_on_batch` runs the compiled step `fit` runs, one batch at a time,
+    and returns its loss as a number (so the step has ended). `x, y` are
+    backend tensors: converting them is not part of the step.
+    """
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    return float(np.mean(times[1:]))
+
+
 def _first_fit(model, x, y, batch):
     """The wall time of the model's first `fit` call, on one batch, in seconds."""
     start = time.perf_counter()
@@ -157,7 +173,7 @@ def _compiled(spec, label, jit_compile):
     return model
 
 
-def part_ef(spec, jit_compile, labels, instances, rounds, steps):
+def part_ef(spec, jit_compile, labels, instances, rounds, steps, protocol="batch"):
     """(e) and (f) for one model and one `jit_compile`.
 
     Builds `instances` compiled models per configuration (the same seed
@@ -165,9 +181,15 @@ def part_ef(spec, jit_compile, labels, instances, rounds, steps):
     next; the first `fit` call of each, on one batch, is (f)'s time (a
     throwaway Adam model goes first: the first model of a kind pays the
     process's one-time costs). Then, for (e) (when `rounds`), each model is
-    warmed by one `fit`, and every round times one `fit` of `steps` steps
-    (see `_fit_step`) of every model, its configurations in a fresh random
-    order; a configuration's round time is the mean over its models.
+    warmed once, and every round times every model, its configurations in
+    a fresh random order; a configuration's round time is the mean over its
+    models. With `protocol="batch"` a model's time in a round is `steps`
+    `train_on_batch` calls after one left out (`_batch_step`): every model
+    runs within a second of every other, so the machine's slow spells,
+    which last longer, hit a round's configurations alike. With `"fit"` it
+    is one `fit` of `steps` steps (`_fit_step`): `fit`'s own loop, but a
+    round lasts several seconds, and single rounds of a 6 ms step ranged
+    from 0.5 to 2.3 times their median.
 
     Returns the (e) rows (None without `rounds`) and the (f) rows, ratios
     to Adam's (round by round for (e), model by model for (f)).
@@ -191,8 +213,15 @@ def part_ef(spec, jit_compile, labels, instances, rounds, steps):
         row["s"] = row.pop("ms") / 1e3
     step_rows = None
     if rounds:
+        if protocol == "batch":
+            import keras
+
+            xb, yb = (keras.ops.convert_to_tensor(a[: spec.batch]) for a in (x, y))
+            measure = functools.partial(_batch_step, x=xb, y=yb, calls=steps + 1)
+        else:
+            measure = functools.partial(_fit_step, x=x, y=y, batch=spec.batch)
         measures = {
-            label: [functools.partial(_fit_step, m, x, y, spec.batch) for m in group]
+            label: [functools.partial(measure, m) for m in group]
             for label, group in models.items()
         }
         step_rows = _summary(_rounds(measures, rounds, warmup=1), "Adam")

@@ -50,11 +50,13 @@ interval. (a) runs `--rounds` rounds in which every configuration is timed
 in a fresh random order, as `--instances` optimizers with slots of their
 own, for 3 calls each (where an optimizer's slots land in memory moves its
 time by up to 5%: see `part_a`); (b, c) run `--repeats` such rounds of 3
-`fit` steps each (after one left out). (e) runs `--fit-rounds` rounds (20)
-of one `fit` call of `--fit-steps` measured steps (10) for each of
-`--fit-instances` models (2) per configuration; a `fit` step is timed from
-one batch's `on_train_batch_begin` to the next's, every callback's work
-included, the first batch left out. (g) runs `--callback-rounds` rounds
+`fit` steps each (after one left out). (e) runs `--fit-rounds` rounds
+(300) in which each of `--fit-instances` models (2) per configuration runs
+`--fit-steps` + 1 `train_on_batch` calls (2 + 1; the first left out), the
+compiled step `fit` runs; with `--fit-protocol fit`, 20 rounds of one `fit`
+call of 10 measured steps, a `fit` step timed from one batch's
+`on_train_batch_begin` to the next's, every callback's work included, the
+first batch left out. (g) runs `--callback-rounds` rounds
 (15) of one `fit` call of `--callback-steps` measured steps (50) per
 configuration. `--models`, `--jit-compile` and `--configs` pick a subset
 of (e, f) (and of (a), for `--configs`): the defaults run everything.
@@ -716,6 +718,8 @@ def _table(title, rows, keys=("ms", "ratio", "lo", "hi", "min", "max")):
 # The parts each backend runs (b, c, d are TensorFlow's programs; (g) is
 # measured on TensorFlow only).
 PARTS = {"tensorflow": list("abcdefg"), "jax": list("aef")}
+# (e)'s protocols (see `fit_parts.part_ef`): default rounds and measured steps.
+FIT_PROTOCOLS = {"batch": (300, 2), "fit": (20, 10)}
 
 
 def _arguments(argv):
@@ -742,12 +746,17 @@ def _arguments(argv):
                         help='the jit_compile settings of (e, f); default: "on off" on '
                         'TensorFlow, "on" on JAX (off is eager JAX, op by op: about '
                         "0.35 s a step here, 40 minutes a model at the defaults)")
-    parser.add_argument("--fit-rounds", type=int, default=20,
-                        help="interleaved rounds of (e) (at least 3)")
+    parser.add_argument("--fit-protocol", choices=list(FIT_PROTOCOLS), default="batch",
+                        help="how (e) times a step: train_on_batch calls (batch), "
+                        "or fit calls (fit); see fit_parts.part_ef")
+    parser.add_argument("--fit-rounds", type=int,
+                        help="interleaved rounds of (e) (at least 3; default: "
+                        + ", ".join(f"{v[0]} with {k}" for k, v in FIT_PROTOCOLS.items()) + ")")
     parser.add_argument("--fit-instances", type=int, default=2,
                         help="compiled models per (e, f) configuration")
-    parser.add_argument("--fit-steps", type=int, default=10,
-                        help="measured steps per fit call in (e)")
+    parser.add_argument("--fit-steps", type=int,
+                        help="measured steps per model and round in (e) (default: "
+                        + ", ".join(f"{v[1]} with {k}" for k, v in FIT_PROTOCOLS.items()) + ")")
     parser.add_argument("--callback-rounds", type=int, default=15,
                         help="interleaved rounds of (g) (at least 3)")
     parser.add_argument("--callback-steps", type=int, default=50,
@@ -758,6 +767,9 @@ def _arguments(argv):
     if args.memory_child:
         return args
     args.parts = args.parts or PARTS[args.backend]
+    rounds, steps = FIT_PROTOCOLS[args.fit_protocol]
+    args.fit_rounds = rounds if args.fit_rounds is None else args.fit_rounds
+    args.fit_steps = steps if args.fit_steps is None else args.fit_steps
     args.jit_compile = args.jit_compile or (["on"] if args.backend == "jax" else ["on", "off"])
     other = sorted(set(args.parts) - set(PARTS[args.backend]))
     if other:
@@ -889,12 +901,15 @@ def _run_ef(args, results):
             steps, first = fit_parts.part_ef(
                 spec, jit_compile, labels, args.fit_instances,
                 args.fit_rounds if "e" in args.parts else 0, args.fit_steps,
+                args.fit_protocol,
             )
             where = f"{spec.describe}; {_jit_label(args.backend, jit_compile)}"
             if "e" in args.parts:
                 results["e"][table] = steps
-                _table(f"(e) fit step, {where}; ms a step (batch begin to next batch "
-                       "begin), ratio to Adam's in the same round", steps)
+                how = ("train_on_batch" if args.fit_protocol == "batch"
+                       else "batch begin to next batch begin")
+                _table(f"(e) fit step, {where}; ms a step ({how}), ratio to Adam's "
+                       "in the same round", steps)
                 _protocol_error(f"(e) {table}: a second Adam", steps[ADAM_AGAIN])
             if "f" in args.parts:
                 results["f"][table] = first
