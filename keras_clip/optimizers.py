@@ -105,6 +105,7 @@ class ClippingMixin(backend.OptimizerHooks):
         self.clipper = clipper
         self.nonfinite = nonfinite
         self._histograms = None
+        self._readout = None
         self._readings = set()  # ids of variables not saved
 
     def build(self, variables):
@@ -160,13 +161,29 @@ class ClippingMixin(backend.OptimizerHooks):
             window = [self._stats[name] for name in stats.WINDOW]
             readers[reset_window] = backend.reader(
                 lambda: [*(self._stats[name].value for name in stats.FIELDS),
-                         self.iterations],
+                         ops.convert_to_tensor(self.iterations)],
                 then_zero=window if reset_window else (),
             )
         *values, iterations = readers[reset_window]()
         out = stats.summary(dict(zip(stats.FIELDS, values)))
         out["iterations"] = int(iterations)
         return out
+
+    def _keep_readout(self):
+        """Has the step write the readout (see `stats.READOUT`) from its next
+        trace on, for a reader that comes after every batch. Returns whether
+        that is new: the step must then be traced again."""
+        if self._readout is not None:
+            return False
+        self._readout = stats.readout_variable(self.add_variable)
+        self._readings.add(id(self._readout))
+        return True
+
+    def _stats_since(self, last):
+        """`gradient_stats()`, its window the updates after the reading
+        `last`, from one host read of the readout and no assignment:
+        `(stats, complete)` or None, as `stats.since` says."""
+        return stats.since(backend.host_value(self._readout), last)
 
     def gradient_norms_by_variable(self):
         """The last step's gradient norm (before clipping) of each variable.
@@ -237,6 +254,8 @@ class ClippingMixin(backend.OptimizerHooks):
             return
         for i, variable in enumerate(variables):
             variable.assign(store[str(i)])
+        if self._readout is not None:  # it described the statistics before
+            self._readout.assign(ops.zeros(self._readout.shape, "int32"))
 
     # The step (Keras's `apply` calls it through `backend.OptimizerHooks`,
     # after undoing the loss scale and accumulating gradients).
@@ -299,7 +318,10 @@ class ClippingMixin(backend.OptimizerHooks):
             finite=finite,
             variable_norms=self._scatter_norms(ops.sqrt(squares), variables),
         )
-        return [(self._stats[name], value) for name, value in new.items()]
+        out = [(self._stats[name], value) for name, value in new.items()]
+        if self._readout is not None:
+            out.append((self._readout, stats.readout(new, self._readout.value, backend.bitcast)))
+        return out
 
     def _record_histograms(self, grads, variables):
         histograms = self._histograms

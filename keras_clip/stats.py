@@ -5,6 +5,8 @@ Python numbers for `opt.gradient_stats()` and the callbacks. Nothing here
 recomputes gradients.
 """
 
+import math
+
 import keras
 import numpy as np
 from keras import ops
@@ -25,6 +27,16 @@ FIELDS = {
     "window_norm_max": "float32",
 }
 WINDOW = ("window_steps", "window_norm_sum", "window_norm_max")
+
+# The readout, on request (`ClippingMixin._keep_readout`): one int32 vector
+# the step writes at each update, so that a reader that comes after every
+# batch (`GradientMonitor`) reads the host once and assigns nothing. It holds
+# the counters of `READOUT`, then the global norms of the last `RING` updates
+# (the newest last), then the last clipped norm and threshold; the float32
+# values as their bits (exact). A reading, not state: the optimizer does not
+# save it.
+READOUT = ("steps", "clipped_steps", "nonfinite_steps")
+RING = 32
 
 
 def build(optimizer, num_variables):
@@ -66,6 +78,63 @@ def updates(variables, *, norm, clipped_norm, threshold, clipped, finite,
         ),
         "variable_norms": variable_norms,
     }
+
+
+def readout_variable(add_variable):
+    """Creates the readout with `add_variable(shape, initializer, dtype, name)`."""
+    return add_variable(
+        shape=(len(READOUT) + RING + 2,), initializer="zeros", dtype="int32",
+        name="stats_readout",
+    )
+
+
+def readout(new, old, bitcast):
+    """The readout after an update (pure), from the statistics' new values
+    (`updates`), the readout's old value and the backend's `bitcast(x,
+    dtype)`: the ring moves one place, and the update's norm comes last."""
+    counters = ops.stack([new[name] for name in READOUT])
+    floats = ops.stack([
+        ops.cast(new[name], "float32")
+        for name in ("grad_norm", "clipped_grad_norm", "clip_threshold")
+    ])
+    ring = old[len(READOUT) + 1 : len(READOUT) + RING]
+    return ops.concatenate([counters, ring, bitcast(floats, "int32")])
+
+
+def since(readout, last):
+    """The statistics of `summary` from a readout, their window the updates
+    after those of `last`.
+
+    Args:
+        readout: The readout's value, a NumPy int32 vector.
+        last: An earlier reading of the same optimizer (with `steps` and
+            `iterations`): each update adds one to both.
+
+    Returns:
+        `(stats, complete)`: the dict `gradient_stats` returns; `complete`
+        is False when more than `RING` updates came after `last`, and the
+        window then holds the last `RING` of them. None when the readout is
+        older than `last` (no update has written it since the statistics
+        were set otherwise, as by loading them).
+    """
+    readout = np.asarray(readout, "int32")
+    counters = dict(zip(READOUT, readout[: len(READOUT)].tolist()))
+    *ring, clipped_norm, threshold = readout[len(READOUT):].view("float32").tolist()
+    new = counters["steps"] - last["steps"]
+    if new < 0:
+        return None
+    finite = [x for x in ring[RING - min(new, RING) :] if math.isfinite(x)]
+    out = summary({
+        **counters,
+        "grad_norm": ring[-1],
+        "clipped_grad_norm": clipped_norm,
+        "clip_threshold": threshold,
+        "window_steps": len(finite),
+        "window_norm_sum": sum(finite),
+        "window_norm_max": max(finite, default=0.0),
+    })
+    out["iterations"] = last["iterations"] + new
+    return out, new <= RING
 
 
 def summary(values):

@@ -575,6 +575,174 @@ def test_the_monitor_changes_nothing_and_reads_the_data_once():
         np.testing.assert_array_equal(a, b)
 
 
+# Reading: one host read of the step's readout a batch.
+
+
+class BothReads(keras.callbacks.Callback):
+    """Each batch: the readout's statistics since the last read, then the
+    resetting reader's (the window path), of the same updates."""
+
+    def on_train_begin(self, logs=None):
+        self.opt = self.model.optimizer
+        self.last = {"steps": 0, "iterations": 0}  # (a fresh optimizer)
+        self.pairs = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.model  # noqa: B018 (JAX: the step's state back into the variables)
+        fast = self.opt._stats_since(self.last)
+        slow = self.opt.gradient_stats(reset_window=True)
+        self.pairs.append((fast, slow))
+        self.last = slow
+
+
+MANY_STEPS = [  # steps_per_execution > 1 (Keras's torch trainer refuses it)
+    pytest.mark.tensorflow(reason="steps_per_execution > 1"),
+    pytest.mark.jax(reason="steps_per_execution > 1"),
+]
+
+
+@pytest.mark.parametrize("spe", [1, pytest.param(5, marks=MANY_STEPS)])
+def test_the_readout_holds_what_the_resetting_reader_reads(spe):
+    keras.utils.set_random_seed(0)
+    model = compiled(spe=spe)
+    assert model.optimizer._keep_readout()  # (what the monitor asks for)
+    x, y = nan_batch_data(batch=[2, 6])
+    both = BothReads()
+    fit(model, x, y, [both], epochs=2)
+    assert len(both.pairs) == 20 // spe
+    windows = 0
+    for (fast, complete), slow in both.pairs:
+        assert complete
+        assert fast.keys() == slow.keys()
+        for key in fast:
+            if key != "window_norm_sum":
+                np.testing.assert_equal(fast[key], slow[key], err_msg=key)
+        # The step adds up to `spe` float32 norms (each addition rounds by at
+        # most half an ulp of the sum); the host adds them in float64.
+        bound = (spe - 1) * np.finfo(np.float32).eps / 2 * slow["window_norm_sum"]
+        assert abs(fast["window_norm_sum"] - slow["window_norm_sum"]) <= bound
+        windows += fast["window_steps"]
+    assert windows == 16 and both.pairs[-1][1]["nonfinite_steps"] == 4  # 2 an epoch
+
+
+def counted_reads(monkeypatch, opt):
+    counts = {"readout": 0, "resetting": 0}
+    since, stats = type(opt)._stats_since, type(opt).gradient_stats
+
+    def counting_since(self, last):
+        counts["readout"] += 1
+        return since(self, last)
+
+    def counting_stats(self, reset_window=False):
+        counts["resetting"] += reset_window
+        return stats(self, reset_window)
+
+    monkeypatch.setattr(type(opt), "_stats_since", counting_since)
+    monkeypatch.setattr(type(opt), "gradient_stats", counting_stats)
+    return counts
+
+
+def monitored_run(monkeypatch, spe, accumulation=None):
+    keras.utils.set_random_seed(0)
+    opt = kc.ClippedAdam(0.01, global_clipnorm=14.0, gradient_accumulation_steps=accumulation)
+    model = compiled(opt, spe=spe)
+    opt.build(model.trainable_variables)  # (as Keras-JAX does before `fit`)
+    x, y = nan_batch_data(batch=3)
+    counts = counted_reads(monkeypatch, opt)
+    recorder = Recorder()  # (reads without a reset)
+    monitor = GradientMonitor(stats=list(DEFAULT) + ["nonfinite_steps"], on_nonfinite=None)
+    history = fit(model, x, y, [monitor, recorder], epochs=2)
+    return history.history, recorder, counts
+
+
+@pytest.mark.parametrize("accumulation", [None, 2])
+def test_each_batch_reads_the_readout_once_and_counts_every_update(monkeypatch, accumulation):
+    h, recorder, counts = monitored_run(monkeypatch, 1, accumulation)
+    # A reset at the start, then one read of the readout a batch.
+    assert counts == {"readout": 20, "resetting": 1}
+    updates = 10 // (accumulation or 1)
+    for epoch in range(2):
+        steps = recorder.steps[10 * epoch : 10 * epoch + 10]
+        start = recorder.steps[10 * epoch - 1]["steps"] if epoch else 0
+        norms = np.array(list({s["steps"]: s["grad_norm"] for s in steps if s["steps"] > start}.values()))
+        finite = norms[np.isfinite(norms)]
+        assert finite.size == updates - 1 and h["nonfinite_steps"][epoch] == 1
+        np.testing.assert_allclose(h["grad_norm"][epoch], finite.mean(), rtol=1e-6)
+        assert h["grad_norm_max"][epoch] == finite.max()
+
+
+@pytest.mark.parametrize(
+    "spe, readouts, resets",
+    [
+        # one execution an epoch, all in the readout
+        pytest.param(kc.stats.RING, 2, 1, marks=MANY_STEPS),
+        # more steps than the readout keeps: windows
+        pytest.param(kc.stats.RING + 1, 0, 3, marks=MANY_STEPS),
+    ],
+)
+def test_steps_per_execution_read_from_the_readout_or_the_windows(
+    monkeypatch, spe, readouts, resets
+):
+    one, _, _ = monitored_run(monkeypatch, 1)
+    h, _, counts = monitored_run(monkeypatch, spe)
+    assert counts == {"readout": readouts, "resetting": resets}
+    assert h["nonfinite_steps"] == one["nonfinite_steps"] == [1, 1]
+    assert h["clip_rate"] == one["clip_rate"]
+    for key in ("grad_norm", "grad_norm_max"):
+        # The step's float32 window adds at most 9 norms an epoch (5e-7).
+        np.testing.assert_allclose(h[key], one[key], rtol=1e-6, err_msg=key)
+
+
+def test_the_readout_only_on_request_and_never_saved(tmp_path):
+    model = compiled()
+    opt = model.optimizer
+    x, y = data(32)
+    fit(model, x, y, [])
+    assert opt._readout is None  # without a monitor the step writes none
+    fit(model, x, y, [GradientMonitor()])
+    readout = opt._readout
+    assert readout is not None and np.any(keras.ops.convert_to_numpy(readout.value))
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path).optimizer
+    assert loaded._readout is None and len(loaded.variables) == len(opt.variables) - 1
+    np.testing.assert_equal(loaded.gradient_stats(), opt.gradient_stats())
+    fit(model, x, y, [GradientMonitor()])
+    model.load_weights(path)  # earlier statistics: the readout no longer holds them
+    assert not np.any(keras.ops.convert_to_numpy(readout.value))
+    assert opt._stats_since(opt.gradient_stats()) is None
+
+
+def test_more_updates_in_a_batch_than_the_readout_keeps_warn_once():
+    # A train step may apply the optimizer more than once: the ring then holds
+    # the last RING updates of that batch, and the monitor says so and reads
+    # windows (every update) from the next batch on.
+    model = compiled()
+    x, y = data(32)
+    monitor = GradientMonitor(stats=["grad_norm", "grad_norm_max"])
+    fit(model, x, y, [monitor])
+    opt, variables = model.optimizer, model.trainable_variables
+
+    def apply(times, scale):
+        for i in range(times):
+            opt.apply([keras.ops.full(v.shape, scale * (i + 1)) for v in variables], variables)
+
+    ring = kc.stats.RING
+    monitor.on_epoch_begin(1)  # an epoch of the updates below only
+    apply(ring + 3, 1e-3)  # the largest norm last
+    with pytest.warns(UserWarning, match=f"{ring + 3} updates in one batch, more than the {ring}"):
+        monitor.on_train_batch_end(2, logs := {})
+    size = sum(int(np.prod(v.shape)) for v in variables)
+    assert logs["grad_norm_max"] == pytest.approx(1e-3 * (ring + 3) * size**0.5, rel=1e-6)
+    assert opt.gradient_stats()["window_steps"] == 0  # the window starts afresh
+    apply(2, 1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor.on_train_batch_end(3, logs := {})
+    assert not [w for w in caught if "GradientMonitor" in str(w.message)]
+    assert logs["grad_norm_max"] == pytest.approx(2 * size**0.5, rel=1e-6)
+
+
 # Optimizers: every Clipped* class, the loss-scale wrapper, plain Keras.
 
 CLIPPERS = [None, "value", "norm", "global_norm", "agc", "autoclip", "zclip", "adagc"]

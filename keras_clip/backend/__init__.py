@@ -245,6 +245,31 @@ class UpdateChain:
         pass
 
 
+def bitcast(x, dtype):
+    """`x`'s bits as a tensor of `dtype`, of the same width (exact: no
+    arithmetic reads them)."""
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.bitcast(x, dtype)
+    if name == "jax":
+        import jax
+
+        return jax.lax.bitcast_convert_type(x, dtype)
+    import torch
+
+    return x.view(getattr(torch, dtype))
+
+
+def host_value(variable):
+    """`variable`'s value as a NumPy array, in one read (on TensorFlow,
+    `ops.convert_to_numpy` takes about twice as long)."""
+    if _tf() is not None:
+        return variable.value.numpy()
+    return ops.convert_to_numpy(variable.value)
+
+
 def reader(values, then_zero=()):
     """A function that computes the scalars `values()` returns (reads of
     variables) as one float64 NumPy vector, in one host read, and then sets

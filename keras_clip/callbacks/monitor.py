@@ -2,14 +2,17 @@
 
 The monitor only reads: a keras-clip optimizer records its statistics inside
 the compiled step (`keras_clip/stats.py`), and the monitor reads them once per
-batch end with `opt.gradient_stats(reset_window=True)`. It never recomputes a
-gradient and never touches the data.
+batch end: one host read of the readout the step writes for it, or, with
+more steps per execution than the readout keeps,
+`opt.gradient_stats(reset_window=True)`. It never recomputes a gradient and
+never touches the data.
 """
 
 import collections
 import logging
 import math
 import statistics
+import warnings
 
 import keras
 from keras import ops
@@ -18,6 +21,7 @@ from keras_clip import _checks
 from keras_clip import backend
 from keras_clip.optimizers import BUILTIN
 from keras_clip.optimizers import ClippingMixin
+from keras_clip.stats import RING
 
 # Names the monitor can add to `logs`, in the order it adds them.
 STATS = (
@@ -283,13 +287,18 @@ class GradientMonitor(keras.callbacks.Callback):
         # Counters as of now; drop a window left by steps before this fit.
         self._last = _read(optimizer, reset_window=True)
         self._epoch = _Epoch(self._last)
+        # Each batch reads the step's readout, while it holds every update
+        # since the last read.
+        self._recent = (getattr(self.model, "steps_per_execution", 1) or 1) <= RING
+        if self._recent and optimizer._keep_readout():
+            self.model.make_train_function(force=True)  # the step writes it
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = _Epoch(self._last)
 
     def on_train_batch_end(self, batch, logs=None):
         self.model  # noqa: B018 (on JAX, Keras's `model` property brings the step's state back)
-        stats = _read(self._optimizer, reset_window=True)
+        stats = self._read_batch()
         last, self._last = self._last, stats
         new_steps = stats["steps"] - last["steps"]
         sampled = new_steps > 0 and math.isfinite(stats["grad_norm"])
@@ -312,6 +321,28 @@ class GradientMonitor(keras.callbacks.Callback):
                 history.history.setdefault(f"grad_norm/{name}", []).append(value)
 
     # Reading.
+
+    def _read_batch(self):
+        """The statistics after this batch, the window its updates."""
+        optimizer = self._optimizer
+        if not self._recent:
+            return _read(optimizer, reset_window=True)
+        read = optimizer._stats_since(self._last)
+        if read is None:  # no update since the last reset: the window is exact
+            return _read(optimizer, reset_window=True)
+        out, complete = read
+        if not complete:
+            self._recent = False
+            _read(optimizer, reset_window=True)  # windows from the next batch on
+            warnings.warn(
+                f"GradientMonitor: {out['steps'] - self._last['steps']} updates "
+                f"in one batch, more than the {RING} whose norms the "
+                "step keeps for a read: this batch's `grad_norm` and "
+                f"`grad_norm_max` count its last {RING}. From the next "
+                "batch on, every update counts.",
+                stacklevel=2,
+            )
+        return out
 
     def _values(self):
         """The requested statistics, aggregated over the epoch so far."""
