@@ -289,8 +289,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._epoch = _Epoch(self._last)
         # Each batch reads the step's readout, while it holds every update
         # since the last read.
-        self._recent = (getattr(self.model, "steps_per_execution", 1) or 1) <= RING
-        if self._recent and optimizer._keep_readout():
+        self._reads_readout = (getattr(self.model, "steps_per_execution", 1) or 1) <= RING
+        if self._reads_readout and optimizer._keep_readout():
             self.model.make_train_function(force=True)  # the step writes it
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -325,14 +325,14 @@ class GradientMonitor(keras.callbacks.Callback):
     def _read_batch(self):
         """The statistics after this batch, the window its updates."""
         optimizer = self._optimizer
-        if not self._recent:
+        if not self._reads_readout:
             return _read(optimizer, reset_window=True)
         read = optimizer._stats_since(self._last)
         if read is None:  # no update since the last reset: the window is exact
             return _read(optimizer, reset_window=True)
         out, complete = read
         if not complete:
-            self._recent = False
+            self._reads_readout = False
             _read(optimizer, reset_window=True)  # windows from the next batch on
             warnings.warn(
                 f"GradientMonitor: {out['steps'] - self._last['steps']} updates "
