@@ -13,7 +13,7 @@ Keras-JAX's Adam. Run through `run.py --backend jax`, not on its own.
 """
 
 import numpy as np
-from run import ADAM_AGAIN, FLOOR, _optimizer, _summary, _timed_rounds
+from run import ADAM_AGAIN, FLOOR, FLOOR_AGC, FLOOR_VALUE, _optimizer, _summary, _timed_rounds
 
 SIZE, COUNT = 262_144, 64
 # row -> the configuration's name in `optax_ref.CLIPPERS`
@@ -25,12 +25,44 @@ OPTAX = {
 }
 
 
-def _keras_instance(name, grads, seed, norm_first=False):
+def _least_sums(kind, grads, weights, threshold):
+    """What a step of `kind` must read before its first write: one float32
+    scalar per gradient, or `None`.
+
+    "skip": each gradient's sum of squares (the global norm). "value": that
+    and `ValueClip`'s two statistics (the clipped squares, how far clipping
+    moves the elements) against `threshold`, a value only known at run
+    time (thresholds live in variables), in the fastest form measured
+    here: one variadic reduction per tensor (as three sums, XLA's CPU
+    backend ran them as one slow loop: 3.2 of Adam's step). "agc": the
+    norm, and each weight's sum of squares.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    if kind is None:
+        return None
+    if kind == "value":
+        def three(g):
+            c = threshold
+            terms = (g * g, jnp.square(jnp.clip(g, -c, c)), jnp.maximum(jnp.abs(g) - c, 0))
+            return sum(lax.reduce(terms, (0.0,) * 3, lambda x, y: tuple(
+                a + b for a, b in zip(x, y)), (0,)))
+        return [three(g) for g in grads]
+    norm = sum(jnp.sum(g * g) for g in grads)
+    if kind == "skip":
+        return [norm] * len(grads)
+    return [norm + jnp.sum(w * w) for w in weights]
+
+
+def _keras_instance(name, grads, seed, least=None):
     """One optimizer with values of its own: a callable that runs one step and waits.
 
-    With `norm_first`, every gradient waits for the global norm (a select on
-    a predicate that is always false, `n != n and n == n`), then the
-    optimizer updates: the least a step that may skip does (the floor).
+    With `least` ("skip", "value", "agc"; see `_least_sums`), each gradient
+    waits for what a step of that kind reads first (through a select on a
+    predicate that is always false, `s != s and s == s`), then the
+    optimizer updates: the least program of that kind (the floor, with
+    "skip").
     """
     import jax
     import keras
@@ -42,17 +74,18 @@ def _keras_instance(name, grads, seed, norm_first=False):
     ]
     optimizer = _optimizer(name)
     optimizer.build(variables)
-    state = ([v.value for v in variables], [v.value for v in optimizer.variables])
+    threshold = np.float32(1.0)  # passed in, so not a constant to XLA
+    state = ([v.value for v in variables], [v.value for v in optimizer.variables], threshold)
 
     def apply(state, grads):
-        trainable, optimizer_values = state
-        if norm_first:
-            import jax.numpy as jnp
+        import jax.numpy as jnp
 
-            norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in grads))
-            never = jnp.logical_and(norm != norm, norm == norm)
-            grads = [jnp.where(never, -g, g) for g in grads]
-        return optimizer.stateless_apply(optimizer_values, grads, trainable)
+        trainable, optimizer_values, threshold = state
+        sums = _least_sums(least, grads, trainable, threshold)
+        if sums is not None:
+            never = [jnp.logical_and(s != s, s == s) for s in sums]
+            grads = [jnp.where(n, -g, g) for n, g in zip(never, grads)]
+        return (*optimizer.stateless_apply(optimizer_values, grads, trainable), threshold)
 
     # The state goes out in the order it came in, as in Keras's `train_step`:
     # JAX hands each output the first donated input buffer of its shape, and
@@ -81,13 +114,15 @@ def part_a_jax(names, rounds, instances=3, calls=3):
         steps[name] = [
             _keras_instance(config, grads, 100 * i + j) for i in range(instances)
         ]
-    steps[FLOOR] = [
-        _keras_instance("Adam", grads, 100 * i + 40, norm_first=True)
-        for i in range(instances)
-    ]
+    for j, (row, least) in enumerate(((FLOOR, "skip"), (FLOOR_VALUE, "value"),
+                                      (FLOOR_AGC, "agc"))):
+        steps[row] = [
+            _keras_instance("Adam", grads, 100 * i + 40 + j, least=least)
+            for i in range(instances)
+        ]
     for j, (row, name) in enumerate(OPTAX.items()):
         steps[row] = [
-            optax_ref._instance(name, True, grads, 100 * i + 50 + j)
+            optax_ref._instance(name, True, grads, 100 * i + 60 + j)
             for i in range(instances)
         ]
     return _summary(_timed_rounds(steps, rounds, calls), "Adam")

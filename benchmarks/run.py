@@ -213,6 +213,19 @@ def _notes(results, part, name):
     return note
 
 
+def _least(results, part, name):
+    """The row of the least program a rule's target is held against: the
+    floor, or AGC's (and in (a) on JAX ValueClip's) own; `None` for (b, c)."""
+    if part == "a":
+        own = {"AdaptiveGradClip": FLOOR_AGC}
+        if results["machine"]["backend"] == "jax":
+            own["ValueClip"] = FLOOR_VALUE
+        return own.get(name, FLOOR)
+    if part in ("e", "f"):
+        return FIT_FLOOR_AGC if name == "AdaptiveGradClip" else FIT_FLOOR
+    return None
+
+
 def _verdicts(results):
     out = []
     for part, table, name, key, bound in _targets(results):
@@ -227,6 +240,10 @@ def _verdicts(results):
         verdict = "met" if value <= bound else "not met"
         if lo <= bound < hi:
             verdict += " (within noise)"
+        least = rows.get(_least(results, part, name)) if key == "ratio" else None
+        if verdict != "met" and least is not None and least["ratio"] > bound:
+            verdict += (f"; the least program reads {least['ratio']:.3f} "
+                        f"[{least['lo']:.3f}, {least['hi']:.3f}], above the bound")
         out.append((part, table, name, key, bound, value, lo, hi, verdict))
     return out
 
@@ -434,22 +451,28 @@ NORM_ALONE = "(the gradients' norm, alone)"
 FLOOR = "(the norm, then the update: the least with skip)"
 ADAM_AGAIN = "(Adam again: the protocol's own error)"
 FLOOR_AGC = "(the same and each weight's norm: the least for AGC)"
+FLOOR_VALUE = "(the same and ValueClip's two sums: the least for ValueClip)"
 FIT_FLOOR = "(Adam, masked by the norm's finiteness: the least with skip)"
+FIT_FLOOR_AGC = "(the same and each weight's norm: the least for AGC)"
 
 
-def _guarded_adam():
+def _guarded_adam(weight_norms=False):
     """Keras's Adam with the least a step that may skip must do, for (e).
 
     The gradients' global norm (`keras_clip.ops.global_norm`) first, then
     Keras's own update with every assignment masked by the norm's
     finiteness (a product, a select for `assign`), non-finite gradients
     zeroed: keras-clip's `nonfinite="skip"` without its statistics, clipper
-    state or update order.
+    state or update order. With `weight_norms`, each gradient is also
+    masked by its weight's norm's finiteness, taken right before its
+    update: the least AGC reads on top (not its unit norms, nor the
+    factors).
     """
     import keras
     from keras import ops
 
     import keras_clip as kc
+    from keras_clip import backend
 
     class GuardedAdam(keras.optimizers.Adam):
         def _backend_update_step(self, grads, variables, learning_rate):
@@ -460,6 +483,13 @@ def _guarded_adam():
                 super()._backend_update_step(grads, variables, learning_rate)
             finally:
                 self.__dict__["keep"] = None
+
+        def update_step(self, gradient, variable, learning_rate):
+            if weight_norms:
+                weight = backend.read(variable)
+                finite = ops.isfinite(kc.ops.global_norm([weight]))
+                gradient = ops.where(finite, gradient, ops.zeros((), gradient.dtype))
+            super().update_step(gradient, variable, learning_rate)
 
         def assign(self, variable, value):
             keep = self.__dict__.get("keep")
@@ -890,7 +920,7 @@ def _jit_label(backend, jit_compile):
 def _run_ef(args, results):
     import fit_parts
 
-    labels = [*_configs(args.configs), FIT_FLOOR, ADAM_AGAIN]
+    labels = [*_configs(args.configs), FIT_FLOOR, FIT_FLOOR_AGC, ADAM_AGAIN]
     for part in ("e", "f"):
         if part in args.parts:
             results[part] = {}
