@@ -1005,13 +1005,8 @@ def _run_groups(argv, args, results):
     """Runs each group of parts `args.parts` holds in a child process and
     merges its results: (a)'s optimizers and (e)'s models, in one process,
     outgrew this machine's 24 GB (TensorFlow keeps what it freed)."""
+    # A child's `--parts` and `--json` come last: argparse keeps the last.
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--parts" in argv:  # the parts are the child's own
-        start = argv.index("--parts")
-        end = start + 1
-        while end < len(argv) and not argv[end].startswith("--"):
-            end += 1
-        del argv[start:end]
     for group in PART_GROUPS:
         parts = [p for p in group if p in args.parts]
         if not parts:
