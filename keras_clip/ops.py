@@ -505,30 +505,49 @@ def adaptive_clip_units(grad, param, clip_factor, epsilon, axis, grad_square=Non
     kept), so that a caller with many tensors sums them all at once."""
     if grad_square is None:
         grad_square = _unitwise_sq_norm(grad, axis)
-    max_norm = clip_factor * ops.maximum(unitwise_norm(param, axis), epsilon)
-    factor = clip_scale(ops.sqrt(grad_square), max_norm)
+    return _agc_factors(
+        grad_square, _unitwise_sq_norm(param, axis),
+        ops.square(ops.cast(clip_factor, "float32")), epsilon * epsilon,
+    )
+
+
+def _agc_factors(grad_square, param_square, clip_square, epsilon_square):
+    """AGC's factors from the units' sums of squares, and each unit's sum of
+    squares after clipping (see `adaptive_clip_units`).
+
+    In squares, with one square root a unit (of the ratio), not one for each
+    norm: on TensorFlow each `Sqrt` of a step compiled by XLA adds about 5 ms
+    to its first call. (An `epsilon` under about 1e-19 then counts as 0:
+    its square is below float32's range.)
+    """
+    max_square = clip_square * ops.maximum(param_square, epsilon_square)
+    over = grad_square > max_square
+    ratio = max_square / ops.where(over, grad_square, ops.ones_like(grad_square))
+    factor = ops.where(over, ops.sqrt(ratio), ops.ones_like(ratio))
     # From the factor, not the norms: flags computed from the norms were a
     # kernel of their own that each tensor's update waited for.
-    return factor, ops.where(factor < 1, ops.square(max_norm), grad_square)
+    return factor, ops.where(factor < 1, max_square, grad_square)
 
 
 def adaptive_clip_factors(grads, params, clip_factor, epsilon, axis=None,
                           grad_squares=None):
     """`adaptive_clip_units` for a list of dense gradients and their weights.
 
-    Without XLA, where each operation is a kernel of its own, gradients of
-    one static shape and dtype (and their weights, of that shape) are
-    stacked and take each operation once for all: on 40 Dense(64) layers,
-    about 20 operations a tensor fewer. Under XLA each tensor takes its own:
-    a stacked factor would reach each update as a slice (see `entries`).
+    Tensors that are one unit each (scalars and vectors, with `axis=None`)
+    take their factors together, from each tensor's sum of squares: a few
+    operations for all of them. Without XLA, where each operation is a
+    kernel of its own, the other gradients of one static shape and dtype
+    (and their weights, of that shape) are stacked and take each operation
+    once for all: on 40 Dense(64) layers, about 20 operations a tensor
+    fewer. Under XLA each of them takes its own: a stacked factor would
+    reach each update as a slice (see `entries`).
 
     Args:
         grads: List of dense gradient tensors.
         params: List of the matching weight tensors.
         clip_factor, epsilon, axis: As for `adaptive_clip_scale`.
-        grad_squares: Optional list of float32 scalars, each gradient's sum
-            of squares (used where a gradient is one unit; entries may be
-            `None`).
+        grad_squares: Optional float32 vector, each gradient's sum of
+            squares (read for the tensors that are one unit).
 
     Returns:
         A tuple `(factors, clipped, clipped_square)`: the list of float32
@@ -538,26 +557,48 @@ def adaptive_clip_factors(grads, params, clip_factor, epsilon, axis=None,
     """
     if not grads:
         return [], ops.array(False), ops.zeros((), "float32")
-    grad_squares = grad_squares or [None] * len(grads)
-    stack = len(grads) > 1 and not backend.compiled_by_xla(grads[0])
-    groups = _shape_groups(grads, params) if stack else [[i] for i in range(len(grads))]
+    clip_square = ops.square(ops.cast(clip_factor, "float32"))
+    epsilon_square = epsilon * epsilon
     factors = [None] * len(grads)
     flat_factors, flat_squares = [], []
+    whole = [i for i, g in enumerate(grads) if axis is None and len(g.shape) <= 1]
+    if whole:
+        if grad_squares is None:
+            grad_square = tensor_sums([grads[i] for i in whole])[:, 0]
+        elif len(whole) == len(grads):
+            grad_square = grad_squares
+        else:
+            grad_square = ops.take(grad_squares, whole)
+        factor, squares = _agc_factors(
+            grad_square, tensor_sums([params[i] for i in whole])[:, 0],
+            clip_square, epsilon_square,
+        )
+        for i, f in zip(whole, entries(factor)):
+            factors[i] = f
+        flat_factors.append(factor)
+        flat_squares.append(squares)
+    rest = [i for i in range(len(grads)) if factors[i] is None]
+    stack = len(rest) > 1 and not backend.compiled_by_xla(grads[0])
+    groups = (
+        [[rest[j] for j in group]
+         for group in _shape_groups([grads[i] for i in rest], [params[i] for i in rest])]
+        if stack else [[i] for i in rest]
+    )
     for group in groups:
         if len(group) == 1:
             (i,) = group
-            whole = len(grads[i].shape) <= 1 and axis is None
-            factor, squares = adaptive_clip_units(
-                grads[i], params[i], clip_factor, epsilon, axis,
-                grad_square=grad_squares[i] if whole else None,
-            )
-            factors[i] = factor
+            grad_square = _unitwise_sq_norm(grads[i], axis)
+            param_square = _unitwise_sq_norm(params[i], axis)
         else:
-            factor, squares = adaptive_clip_units(
-                ops.stack([grads[i] for i in group]),
-                ops.stack([params[i] for i in group]),
-                clip_factor, epsilon, _stacked_axes(len(grads[group[0]].shape), axis),
-            )
+            axes = _stacked_axes(len(grads[group[0]].shape), axis)
+            grad_square = _sq_norm(ops.stack([grads[i] for i in group]), axes, True)
+            param_square = _sq_norm(ops.stack([params[i] for i in group]), axes, True)
+        factor, squares = _agc_factors(
+            grad_square, param_square, clip_square, epsilon_square
+        )
+        if len(group) == 1:
+            factors[group[0]] = factor
+        else:
             for i, f in zip(group, ops.unstack(factor)):
                 factors[i] = f
         flat_factors.append(ops.reshape(factor, (-1,)))

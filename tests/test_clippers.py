@@ -216,8 +216,9 @@ def test_agc_on_many_tensors_of_one_shape_matches_numpy(run_as, axis):
         n = units(g)
         expected = g.astype(np.float64) * np.where(n > max_norm, max_norm / n, 1.0)
         total += np.sum(expected**2)
-        # Sums of at most 12 squares, two roots, a product, a quotient and
-        # the scaling, in the gradient's dtype.
+        # Sums of at most 12 squares (13 roundings each), the squared bound
+        # (two products), their quotient, its root and the scaling, in the
+        # gradient's dtype: 16 half-ulps.
         eps = np.finfo(g.dtype).eps / 2
         np.testing.assert_allclose(np.asarray(o, "float64"), expected, rtol=20 * eps, atol=0)
     np.testing.assert_allclose(float(clipped_norm), np.sqrt(total), rtol=20 * 2**-11)
@@ -540,6 +541,31 @@ def test_per_tensor_factors_reach_the_tensors_without_slices():
     out = fn(factors)
     for g, f, o in zip(grads, factors, out):
         np.testing.assert_array_equal(np.asarray(o), g * f)
+
+
+@pytest.mark.tensorflow(reason="the graph's ops are TensorFlow's")
+def test_agc_takes_one_square_root_a_tensor_of_units():
+    # The seam `kc_ops._agc_factors`: TensorFlow lowers each `Sqrt` of a step
+    # XLA compiles on its own, about 5 ms each at its first call. AGC takes
+    # its factors in squares, one square root a tensor of units (of the
+    # ratio), and the tensors that are one unit each take theirs together:
+    # 5 kernels and 5 biases, 5 + 1, and one for the clipped norm.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    shapes = [(4, 3), (3,)] * 5
+    grads = [rng.standard_normal(s).astype("float32") for s in shapes]
+    params = [rng.standard_normal(s).astype("float32") for s in shapes]
+    clipper = kc.AdaptiveGradClip(0.05)
+    state = {k: np.asarray(v) for k, v in clipper.init_state(params).items()}
+
+    def clip(gs, ps):
+        out, _, info = clipper.update(gs, state, ps)
+        return out, info["clipped_norm"]
+
+    graph = tf.function(clip, jit_compile=True).get_concrete_function(grads, params).graph
+    assert [op.type for op in graph.get_operations()].count("Sqrt") == 5 + 1 + 1
+    # (Their values: `test_agc_on_many_tensors_of_one_shape_matches_numpy`.)
 
 
 @pytest.mark.parametrize("shape", [(512, 256), (3, 3, 64, 128), (70_001,)])

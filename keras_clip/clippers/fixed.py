@@ -204,19 +204,19 @@ class AdaptiveGradClip(Clipper):
                 f"gradient. Received: params={params!r}"
             )
         c = self._current("clip_factor", state, step)
-        squares = kc_ops.entries(self._sums(grads, state, step, sums)[:, 0])
+        squares = self._sums(grads, state, step, sums)[:, 0]
         excluded = [self._excluded(p) for p in params]
         kept = [i for i, out in enumerate(excluded) if not out]
         found, clipped, clipped_square = kc_ops.adaptive_clip_factors(
             [grads[i] for i in kept], [_value(params[i]) for i in kept],
-            c, self.epsilon, self.axis, grad_squares=[squares[i] for i in kept],
+            c, self.epsilon, self.axis, grad_squares=_rows(squares, kept, len(grads)),
         )
         factors = [ops.ones((), "float32")] * len(grads)
         for i, factor in zip(kept, found):
             factors[i] = factor
-        for i, out in enumerate(excluded):  # left as they are
-            if out:
-                clipped_square = clipped_square + squares[i]
+        left = [i for i, out in enumerate(excluded) if out]  # left as they are
+        if left:
+            clipped_square = clipped_square + ops.sum(_rows(squares, left, len(grads)))
         info = {"clipped": clipped, "clipped_norm": ops.sqrt(clipped_square)}
         return kc_ops.scale(grads, factors), {"threshold": c}, info
 
@@ -232,6 +232,13 @@ class AdaptiveGradClip(Clipper):
             "axis": axis,
             "exclude": None if self.exclude is None else list(self.exclude),
         }
+
+
+def _rows(vector, rows, n):
+    """The entries `rows` of a vector of `n`: the vector itself if all."""
+    if len(rows) == n:
+        return vector
+    return ops.take(vector, rows) if rows else None
 
 
 def _value(param):
