@@ -489,7 +489,7 @@ def adaptive_clip_scale(grad, param, clip_factor=0.01, epsilon=1e-3, axis=None,
 
     Example:
 
-    >>> scale, sq = adaptive_clip_scale(np.array([[3.0], [4.0]]), np.array([[30.0], [40.0]]), 0.05)
+    >>> scale, sq = adaptive_clip_scale(np.array([[3.0], [4.0]]), np.array([[6.0], [8.0]]), 0.25)
     >>> np.asarray(scale).tolist(), float(sq)
     ([[0.5]], 6.25)
     """
