@@ -42,7 +42,9 @@ Every time is the median over repeats (after warm-up) of the per-step time,
 divided by plain Adam's measured in the same process and the same repeat,
 with a 95% bootstrap interval for that median (`lo`, `hi`); min and max of
 the per-repeat ratios are shown too, and for (a) the ratio to the floor (the
-least step that may skip, see `FLOOR`), the ratio of a second Adam to the
+least step that may skip, see `FLOOR`), each rule's to its own least program
+with an interval (`of_least`: the floor, AGC's or ValueClip's; the issue's
+target, within 0.01), the ratio of a second Adam to the
 first (the protocol's own error) and the median ratio in each of the
 machine's two states, when it showed both (see `_fast_rounds`).
 A last table holds each of the issue's targets against its median and
@@ -188,6 +190,7 @@ def _targets(results):
         rows = [("a", None, name, "ratio", 1.05) for name in RULES]
     else:
         rows = [(part, None, name, key, bound) for part, name, key, bound in TARGETS]
+        rows += [("a", None, name, "of_least", 1.01) for name in RULES]
         rows += [
             ("bc", None, MONITOR, "over_b", 0.02),
             ("bc", None, LOGGER_100, "over_b", 0.03),
@@ -214,14 +217,16 @@ def _notes(results, part, name):
     return note
 
 
+def _least_a(name):
+    """The least program an (a) rule is held against: the floor, or its own."""
+    return {"AdaptiveGradClip": FLOOR_AGC, "ValueClip": FLOOR_VALUE}.get(name, FLOOR)
+
+
 def _least(results, part, name):
     """The row of the least program a rule's target is held against: the
-    floor, or AGC's (and in (a) on JAX ValueClip's) own; `None` for (b, c)."""
+    floor, or in (a) AGC's and ValueClip's own; `None` for (b, c)."""
     if part == "a":
-        own = {"AdaptiveGradClip": FLOOR_AGC}
-        if results["machine"]["backend"] == "jax":
-            own["ValueClip"] = FLOOR_VALUE
-        return own.get(name, FLOOR)
+        return _least_a(name)
     if part in ("e", "f"):
         return FIT_FLOOR_AGC if name == "AdaptiveGradClip" else FIT_FLOOR
     return None
@@ -293,6 +298,8 @@ def part_a(rounds, calls=3, instances=3, names=None):
     steps[FLOOR] = apply(lambda: _chained_adam(norm_first=True))
     # ... and each weight's norm right before its update: the least for AGC.
     steps[FLOOR_AGC] = apply(lambda: _chained_adam(norm_first=True, weight_norms=True))
+    # ... or ValueClip's two sums of each gradient: the least for ValueClip.
+    steps[FLOOR_VALUE] = apply(lambda: _chained_adam(norm_first=True, value_sums=True))
     # More Adams: their ratio to the first ones is the protocol's own error.
     steps[ADAM_AGAIN] = apply(lambda: _optimizer("Adam"))
     times = _interleaved(steps, rounds, calls)
@@ -300,6 +307,12 @@ def part_a(rounds, calls=3, instances=3, names=None):
     # How far each step is above the floor, round by round.
     for name, row in out.items():
         row["floor"] = float(np.median(np.array(times[name]) / np.array(times[FLOOR])))
+    # The issue's (a) target: each rule within 0.01 of its own least program,
+    # round by round, with an interval (the floor column has none).
+    for name in [n for n in RULES if n in out]:
+        ratios = np.array(times[name]) / np.array(times[_least_a(name)])
+        lo, hi = _interval(ratios)
+        out[name].update(of_least=float(np.median(ratios)), of_least_lo=lo, of_least_hi=hi)
     # The machine's two states (see `_fast_rounds`), each on its own.
     fast = _fast_rounds(times)
     states = {} if fast is None else {"fast": fast, "slow": ~fast}
@@ -513,7 +526,7 @@ def _guarded_adam(weight_norms=False):
     return GuardedAdam(1e-3)
 
 
-def _chained_adam(norm_first=False, weight_norms=False):
+def _chained_adam(norm_first=False, weight_norms=False, value_sums=False):
     """Keras's Adam, updating in keras-clip's order, with nothing else.
 
     The update part of a `ClippedAdam` step (see `keras_clip.backend.
@@ -521,7 +534,10 @@ def _chained_adam(norm_first=False, weight_norms=False):
     `norm_first`: then every gradient waits for the global norm (through a
     select on a predicate that is always false), as in a step that skips
     non-finite gradients. With `weight_norms`, each gradient also waits for
-    its weight's norm, taken right before its update, as AGC's does.
+    its weight's norm, taken right before its update, as AGC's does. With
+    `value_sums`, the global norm also waits for `ValueClip`'s two sums of
+    each gradient (its clipped squares, how far clipping moves its elements)
+    against a threshold in a variable, as `ValueClip`'s is.
     """
     import keras
     import tensorflow as tf
@@ -529,12 +545,24 @@ def _chained_adam(norm_first=False, weight_norms=False):
     import keras_clip as kc
     from keras_clip import backend
 
+    threshold = tf.Variable(1.0) if value_sums else None
+
+    def norm_and_value_sums(grads):
+        # The squares and ValueClip's two terms in one pass, as keras-clip
+        # takes them (`ops.tensor_sums`).
+        c = threshold.read_value()
+        return tf.reduce_sum(kc.ops.tensor_sums(grads, (
+            lambda g: tf.square(tf.clip_by_value(g, -c, c)),
+            lambda g: tf.maximum(tf.abs(g) - c, 0.0),
+        )))
+
     class ChainedAdam(keras.optimizers.Adam):
         chain = None
 
         def _backend_update_step(self, grads, variables, learning_rate):
             if norm_first:
-                never = backend.opaque_false(kc.ops.global_norm(grads))
+                total = norm_and_value_sums(grads) if value_sums else kc.ops.global_norm(grads)
+                never = backend.opaque_false(total)
                 grads = [tf.where(never, -g, g) for g in grads]
             self.chain = backend.UpdateChain()
             try:
@@ -979,6 +1007,10 @@ def _protocol_error(what, row, tolerance=0.02):
           f"first: the protocol's own error, {inside} 1.00 +- {tolerance:.2f}")
 
 
+# How a target's row names what it bounds, where that is not the ratio to Adam.
+KEY_LABELS = {"ratio": "", "of_least": " [of its least program]"}
+
+
 def _print_verdicts(results):
     verdicts = _verdicts(results)
     if not verdicts:
@@ -986,11 +1018,12 @@ def _print_verdicts(results):
     print("\ntargets (median against the bound; 95% interval of the median)")
     for part, table, name, key, bound, value, lo, hi, verdict in verdicts:
         where = part if table is None else f"{part}: {table}"
-        label = f"({where}) {name}" + ("" if key == "ratio" else " [added]")
+        label = f"({where}) {name}" + KEY_LABELS.get(key, " [added]")
         added = results[part][name].get("opt_added") if part == "bc" and key == "ratio" else None
         share = "" if added is None else f"  (its optimizer step adds {added:+.4f})"
+        notes = _notes(results, part, name) if key == "ratio" else ""
         print(f"{label:72s} {value:7.3f} <= {bound:.2f}?  "
-              f"[{lo:.3f}, {hi:.3f}]  {verdict}{share}{_notes(results, part, name)}")
+              f"[{lo:.3f}, {hi:.3f}]  {verdict}{share}{notes}")
     results["targets"] = [
         dict(zip(("part", "table", "name", "key", "bound", "value", "lo", "hi", "verdict"), v))
         for v in verdicts
