@@ -548,13 +548,10 @@ def _chained_adam(norm_first=False, weight_norms=False, value_sums=False):
     threshold = tf.Variable(1.0) if value_sums else None
 
     def norm_and_value_sums(grads):
-        # The squares and ValueClip's two terms in one pass, as keras-clip
+        # The squares and ValueClip's own two terms in one pass, as its step
         # takes them (`ops.tensor_sums`).
-        c = threshold.read_value()
-        return tf.reduce_sum(kc.ops.tensor_sums(grads, (
-            lambda g: tf.square(tf.clip_by_value(g, -c, c)),
-            lambda g: tf.maximum(tf.abs(g) - c, 0.0),
-        )))
+        terms = kc.ValueClip().tensor_terms({"threshold": threshold.read_value()}, None)
+        return tf.reduce_sum(kc.ops.tensor_sums(grads, terms))
 
     class ChainedAdam(keras.optimizers.Adam):
         chain = None
